@@ -1,0 +1,137 @@
+//! A private Mosquitto broker for one test.
+
+use std::io;
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where Debian and most distributions put the broker; `PATH` is searched too.
+const CANDIDATES: &[&str] = &["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"];
+
+/// A Mosquitto process listening on 127.0.0.1 at a free port; killed on drop.
+#[derive(Debug)]
+pub struct Mosquitto {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+/// Why a broker could not be started.
+#[derive(Debug)]
+pub enum MosquittoError {
+    /// No `mosquitto` binary was found.
+    NotInstalled,
+    /// The broker did not start listening.
+    Start(io::Error),
+}
+
+impl std::fmt::Display for MosquittoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MosquittoError::NotInstalled => f.write_str(
+                "mosquitto is not installed: `apt-get install mosquitto` (the .ci/run script does this)",
+            ),
+            MosquittoError::Start(e) => write!(f, "mosquitto did not start: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for MosquittoError {}
+
+fn find_binary() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join("mosquitto"));
+    CANDIDATES
+        .iter()
+        .map(PathBuf::from)
+        .chain(on_path)
+        .find(|p| p.is_file())
+}
+
+/// A port that was free a moment ago. Mosquitto cannot report the port it bound to 0, so there is
+/// a window in which another process could take it; [`Mosquitto::start`] retries if so.
+fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
+}
+
+impl Mosquitto {
+    /// Starts a broker with `set_tcp_nodelay true` (Mosquitto's default adds ~44 ms per round trip).
+    pub fn start() -> Result<Self, MosquittoError> {
+        Self::start_with("")
+    }
+
+    /// Starts a broker with extra configuration lines appended.
+    pub fn start_with(extra_config: &str) -> Result<Self, MosquittoError> {
+        let binary = find_binary().ok_or(MosquittoError::NotInstalled)?;
+        let mut last_error = io::Error::other("no attempt made");
+        for _ in 0..5 {
+            match Self::try_start(&binary, extra_config) {
+                Ok(broker) => return Ok(broker),
+                Err(e) => last_error = e,
+            }
+        }
+        Err(MosquittoError::Start(last_error))
+    }
+
+    fn try_start(binary: &Path, extra_config: &str) -> io::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let config = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "listener {port} 127.0.0.1\n\
+                 allow_anonymous true\n\
+                 set_tcp_nodelay true\n\
+                 persistence false\n\
+                 log_dest stderr\n\
+                 log_type error\n\
+                 log_type warning\n\
+                 {extra_config}\n"
+            ),
+        )?;
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let mut broker = Mosquitto {
+            child,
+            port,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Some(status) = broker.child.try_wait()? {
+                return Err(io::Error::other(format!("exited with {status}")));
+            }
+            if TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok() {
+                return Ok(broker);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "not listening after 5 s",
+        ))
+    }
+
+    /// The port it listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
