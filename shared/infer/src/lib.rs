@@ -1,0 +1,90 @@
+//! Cascade's inference engines: load a model file, describe it, run it.
+//!
+//! Both the edge agent and the cloud escalator run models through the one [`Model`] trait. A
+//! model is loaded from a path or bytes; its format is detected from the bytes; the engine is
+//! chosen by [`LoadOptions::backend`]. This crate does no networking and spawns no threads of its
+//! own beyond a model's optional inference worker pool.
+//!
+//! # Module map
+//!
+//! - [`model`]: the [`Model`] trait, [`ModelInfo`] / [`TensorSpec`] descriptions, input checks,
+//!   [`LoadOptions`], and [`run_batch`] for fixed-batch models.
+//! - [`tensor`]: the [`Tensor`] type the API speaks, with `.npy` reading and writing.
+//! - [`format`]: format detection from file contents.
+//! - [`confidence`]: softmax and the confidence metrics (max-probability, margin, entropy).
+//! - [`metadata`]: the model metadata sidecar (labels, input spec, which output is what).
+//! - [`image`]: PNG/JPEG inputs preprocessed as a sidecar says.
+//! - `onnx` *(private)*: ONNX on tract-onnx, with shape specialization, `If` folding and a relaxed
+//!   retry.
+//! - `tflite` *(private)*: TFLite on tract through Cascade's own frontend (QUANTIZE, DEQUANTIZE,
+//!   int8 with requantization, fp16 weights), falling back to stock tract-tflite.
+//! - `tract` *(private)*: what the tract backends share.
+
+pub mod confidence;
+pub mod error;
+pub mod format;
+pub mod image;
+pub mod metadata;
+pub mod model;
+pub mod tensor;
+
+mod onnx;
+mod tflite;
+mod tract;
+
+use std::path::Path;
+
+pub use confidence::{Confidence, Metric, softmax};
+pub use error::{InferError, LoadError};
+pub use format::ModelFormat;
+pub use model::{
+    BackendChoice, Dim, LoadOptions, Model, ModelInfo, QuantParams, TensorSpec, run_batch,
+};
+pub use tensor::{DType, Tensor};
+
+/// Loads a model file.
+pub fn load_path(path: &Path, options: &LoadOptions) -> Result<Box<dyn Model>, InferError> {
+    let bytes = std::fs::read(path).map_err(|source| InferError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    load_bytes(&bytes, &path.display().to_string(), options)
+}
+
+/// Loads a model from bytes; `source` names it in errors and [`ModelInfo::source`].
+pub fn load_bytes(
+    bytes: &[u8],
+    source: &str,
+    options: &LoadOptions,
+) -> Result<Box<dyn Model>, InferError> {
+    let format = format::detect(bytes).map_err(|detail| InferError::UnknownFormat {
+        model: source.to_string(),
+        detail,
+    })?;
+    match options.backend {
+        BackendChoice::Tflite => Err(InferError::Load(Box::new(LoadError {
+            model: source.to_string(),
+            format,
+            backend: "tflite",
+            node: None,
+            op: None,
+            detail: "this build has no TFLite interpreter".into(),
+            hint: "rebuild with `--features tflite` (needs libclang-dev and clang), or use --backend tract".into(),
+        }))),
+        BackendChoice::Auto | BackendChoice::Tract => {
+            let started = std::time::Instant::now();
+            let model: Box<dyn Model> = match format {
+                ModelFormat::Onnx => Box::new(onnx::load(bytes, source, options)?),
+                ModelFormat::Tflite => Box::new(tflite::load(bytes, source, options)?),
+            };
+            tracing::info!(
+                model = source,
+                %format,
+                backend = model.info().backend,
+                load_ms = started.elapsed().as_millis() as u64,
+                "model loaded"
+            );
+            Ok(model)
+        }
+    }
+}

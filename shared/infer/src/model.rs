@@ -1,0 +1,271 @@
+//! The one trait every engine implements, what it says about a model, and how inputs are checked.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::InferError;
+use crate::format::ModelFormat;
+use crate::tensor::{DType, Tensor};
+
+/// A dimension of a declared tensor shape.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Dim {
+    /// A known size.
+    Fixed(usize),
+    /// A size chosen at run time (batch, sequence length); the name is the model's.
+    Symbolic(String),
+}
+
+impl fmt::Display for Dim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dim::Fixed(n) => write!(f, "{n}"),
+            Dim::Symbolic(s) => f.write_str(s),
+        }
+    }
+}
+
+/// Affine quantization of an integer tensor: `real = scale * (q - zero_point)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QuantParams {
+    /// Step between adjacent integers.
+    pub scale: f32,
+    /// Integer standing for 0.0.
+    pub zero_point: i32,
+}
+
+/// A declared model input or output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorSpec {
+    /// Tensor name in the model file.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Dimensions.
+    pub shape: Vec<Dim>,
+    /// Quantization, for quantized integer tensors.
+    pub quantization: Option<QuantParams>,
+}
+
+impl TensorSpec {
+    /// The shape as text, e.g. `[N, 64]`.
+    pub fn shape_text(&self) -> String {
+        let dims: Vec<String> = self.shape.iter().map(Dim::to_string).collect();
+        format!("[{}]", dims.join(", "))
+    }
+
+    /// Whether `shape` fits this spec (same rank, equal fixed dimensions).
+    pub fn accepts_shape(&self, shape: &[usize]) -> bool {
+        shape.len() == self.shape.len()
+            && self.shape.iter().zip(shape).all(|(d, &n)| match d {
+                Dim::Fixed(m) => *m == n,
+                Dim::Symbolic(_) => true,
+            })
+    }
+
+    /// The shape with every dimension known, if it has no symbolic one.
+    pub fn fixed_shape(&self) -> Option<Vec<usize>> {
+        self.shape
+            .iter()
+            .map(|d| match d {
+                Dim::Fixed(n) => Some(*n),
+                Dim::Symbolic(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// What a loaded model is and where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    /// The file it was loaded from, or `<bytes>`.
+    pub source: String,
+    /// Its format.
+    pub format: ModelFormat,
+    /// The engine running it, e.g. `tract-onnx`.
+    pub backend: &'static str,
+    /// Inputs, in the order [`Model::run`] takes them.
+    pub inputs: Vec<TensorSpec>,
+    /// Outputs, in the order [`Model::run`] returns them.
+    pub outputs: Vec<TensorSpec>,
+}
+
+impl ModelInfo {
+    fn input_names(&self) -> String {
+        let names: Vec<String> = self
+            .inputs
+            .iter()
+            .map(|i| format!("{:?} {} {}", i.name, i.dtype, i.shape_text()))
+            .collect();
+        names.join(", ")
+    }
+
+    /// Checks inputs against the declared specs: count, element type, shape.
+    pub fn check_inputs(&self, inputs: &[Tensor]) -> Result<(), InferError> {
+        if inputs.len() != self.inputs.len() {
+            return Err(InferError::InputCount {
+                expected: self.inputs.len(),
+                names: self.input_names(),
+                got: inputs.len(),
+            });
+        }
+        for (spec, tensor) in self.inputs.iter().zip(inputs) {
+            if spec.dtype != tensor.dtype() {
+                let mut expected = spec.dtype.to_string();
+                if let Some(q) = spec.quantization {
+                    expected = format!(
+                        "{expected} (quantized: real = {} * (q - {}))",
+                        q.scale, q.zero_point
+                    );
+                }
+                return Err(InferError::InputDType {
+                    input: spec.name.clone(),
+                    expected,
+                    got: tensor.dtype().to_string(),
+                });
+            }
+            if !spec.accepts_shape(tensor.shape()) {
+                return Err(InferError::InputShape {
+                    input: spec.name.clone(),
+                    expected: spec.shape_text(),
+                    got: tensor.shape().to_vec(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts named inputs in the model's order. A single unnamed input is accepted for a
+    /// single-input model.
+    pub fn order_inputs(
+        &self,
+        named: Vec<(Option<String>, Tensor)>,
+    ) -> Result<Vec<Tensor>, InferError> {
+        if let [(None, _)] = named.as_slice() {
+            if self.inputs.len() == 1 {
+                return Ok(named.into_iter().map(|(_, t)| t).collect());
+            }
+            return Err(InferError::InputCount {
+                expected: self.inputs.len(),
+                names: self.input_names(),
+                got: 1,
+            });
+        }
+        let mut by_name: HashMap<String, Tensor> = HashMap::new();
+        for (name, tensor) in named {
+            let Some(name) = name else {
+                return Err(InferError::Tensor(
+                    "with several inputs, name each one: --input NAME=FILE.npy".into(),
+                ));
+            };
+            if !self.inputs.iter().any(|s| s.name == name) {
+                return Err(InferError::UnknownInput {
+                    name,
+                    known: self.input_names(),
+                });
+            }
+            by_name.insert(name, tensor);
+        }
+        self.inputs
+            .iter()
+            .map(|spec| {
+                by_name
+                    .remove(&spec.name)
+                    .ok_or_else(|| InferError::MissingInput {
+                        name: spec.name.clone(),
+                    })
+            })
+            .collect()
+    }
+}
+
+/// A loaded model, ready to run. Implementations are thread-safe; one model may serve several
+/// threads, each call running to completion on the calling thread (plus the model's own worker
+/// threads when it was loaded with more than one).
+pub trait Model: Send + Sync {
+    /// What the model takes and returns.
+    fn info(&self) -> &ModelInfo;
+
+    /// Runs the model on inputs given in [`ModelInfo::inputs`] order.
+    fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, InferError>;
+}
+
+/// Which engine runs a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendChoice {
+    /// The fastest engine that loads the model: tract, then the TFLite interpreter (when built in).
+    #[default]
+    Auto,
+    /// tract (ONNX through tract-onnx; TFLite through Cascade's frontend or tract-tflite).
+    Tract,
+    /// The TensorFlow Lite interpreter (feature `tflite`): bit-exact with TFLite, slower int8.
+    Tflite,
+}
+
+impl FromStr for BackendChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(BackendChoice::Auto),
+            "tract" => Ok(BackendChoice::Tract),
+            "tflite" => Ok(BackendChoice::Tflite),
+            other => Err(format!(
+                "unknown backend {other:?}: expected auto, tract or tflite"
+            )),
+        }
+    }
+}
+
+/// How to load a model.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Engine choice.
+    pub backend: BackendChoice,
+    /// Worker threads for one inference; 0 or 1 runs on the calling thread only.
+    pub threads: usize,
+    /// Concrete shapes for inputs whose declared shape has symbolic dimensions, by input name.
+    /// Given, the model is compiled for them at load time; otherwise on first use of each shape.
+    pub input_shapes: HashMap<String, Vec<usize>>,
+}
+
+/// Splits a batch along axis 0 for models whose batch dimension is fixed at 1, runs each item
+/// and stacks the outputs. Models with a free batch dimension run the batch in one call.
+pub fn run_batch(model: &dyn Model, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, InferError> {
+    let info = model.info();
+    let fixed_one = info
+        .inputs
+        .iter()
+        .all(|s| s.shape.first() == Some(&Dim::Fixed(1)));
+    let batch = inputs
+        .first()
+        .and_then(|t| t.shape().first().copied())
+        .unwrap_or(1);
+    if !fixed_one || batch <= 1 {
+        return model.run(inputs);
+    }
+    if inputs.iter().any(|t| t.shape().first() != Some(&batch)) {
+        return Err(InferError::Tensor(
+            "every input of a batch must have the same first dimension".into(),
+        ));
+    }
+    let mut per_output: Vec<Vec<Tensor>> = Vec::new();
+    for i in 0..batch {
+        let items = inputs
+            .iter()
+            .map(|t| crate::tensor::slice_batch(t, i))
+            .collect::<Vec<_>>();
+        let outputs = model.run(items)?;
+        if per_output.is_empty() {
+            per_output = outputs.iter().map(|_| Vec::with_capacity(batch)).collect();
+        }
+        for (acc, out) in per_output.iter_mut().zip(outputs) {
+            acc.push(out);
+        }
+    }
+    per_output
+        .into_iter()
+        .map(|items| crate::tensor::concat_batch(&items))
+        .collect()
+}
