@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use cascade_infer::{BackendChoice, LoadOptions, Metric};
+use clap::{Args, Parser, Subcommand};
+use edge_agent::bench::{BenchOptions, bench};
+use edge_agent::eval::{EvalOptions, evaluate};
+use edge_agent::infer_files::{InferRequest, infer};
 use edge_agent::sensor::SensorStream;
 
 /// The Cascade edge agent.
@@ -21,9 +25,94 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a model once on input files and write its outputs as .npy.
+    ///
+    /// Tensors are .npy in C order with the model's exact element type and shape (int8 in and out
+    /// for fully quantized models; 0-d tensors allowed). Image models (with an [inputs.image]
+    /// section in their metadata sidecar MODEL.toml) also take PNG or JPEG files.
+    Infer {
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// An input: FILE for a single-input model, or NAME=FILE (repeat for several inputs).
+        #[arg(long = "input", required = true)]
+        inputs: Vec<String>,
+        /// Output file, for a single-output model.
+        #[arg(long, conflicts_with = "output_dir")]
+        output: Option<PathBuf>,
+        /// Directory for every output, written as DIR/<output name>.npy (characters outside
+        /// [A-Za-z0-9._-] replaced by _).
+        #[arg(long)]
+        output_dir: Option<PathBuf>,
+    },
+    /// Measure a model's latency (p50/p90/p99), throughput and peak memory after warm-up.
+    Bench {
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// Runs before measuring.
+        #[arg(long, default_value_t = 50)]
+        warmup: usize,
+        /// Measured runs.
+        #[arg(long, default_value_t = 1000)]
+        iterations: usize,
+        /// Batch size for models with a free batch dimension.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Real inputs instead of synthetic ones: FILE or NAME=FILE, as for `infer`.
+        #[arg(long = "input")]
+        inputs: Vec<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Accuracy on a labelled set, and the confidence curve: for each threshold, the share of
+    /// inputs escalated and the accuracy on the rest (and of the cascade, with --cloud-model).
+    Eval {
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// Directory holding inputs.npy (one input per row) and labels.npy (integers).
+        #[arg(long)]
+        data: PathBuf,
+        /// Cloud model: adds cloud-only and cascade (edge, then cloud below the threshold)
+        /// accuracy.
+        #[arg(long)]
+        cloud_model: Option<PathBuf>,
+        /// Confidence metric: max_prob, margin or entropy.
+        #[arg(long, default_value = "max_prob")]
+        metric: Metric,
+        /// Threshold step of the curve.
+        #[arg(long, default_value_t = 0.1)]
+        step: f32,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect the firmware → agent sensor link.
     #[command(subcommand)]
     Frames(FramesCommand),
+}
+
+#[derive(Args)]
+struct EngineArgs {
+    /// Model file (ONNX or TFLite; the format is read from the file, not its name).
+    #[arg(long)]
+    model: PathBuf,
+    /// Engine: auto (fastest that loads the model), tract, or tflite (needs a build with
+    /// --features tflite).
+    #[arg(long, default_value = "auto")]
+    backend: BackendChoice,
+    /// Worker threads per inference.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+impl EngineArgs {
+    fn options(&self) -> LoadOptions {
+        LoadOptions {
+            backend: self.backend,
+            threads: self.threads,
+            ..LoadOptions::default()
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -75,12 +164,114 @@ fn decode_frames(input: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn read_named_inputs(
+    model: &PathBuf,
+    raw: &[String],
+    load: &LoadOptions,
+) -> anyhow::Result<Option<Vec<cascade_infer::Tensor>>> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    let info = cascade_infer::load_path(model, load)?.info().clone();
+    let named = raw
+        .iter()
+        .map(|r| {
+            let (name, file) = match r.split_once('=') {
+                Some((n, f)) if info.inputs.iter().any(|i| i.name == n) => (Some(n.to_string()), f),
+                _ => (None, r.as_str()),
+            };
+            Ok((
+                name,
+                cascade_infer::Tensor::read_npy(std::path::Path::new(file))?,
+            ))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Some(info.order_inputs(named)?))
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match cli.command {
+        Command::Infer {
+            engine,
+            inputs,
+            output,
+            output_dir,
+        } => {
+            let written = infer(&InferRequest {
+                model: engine.model.clone(),
+                inputs,
+                output,
+                output_dir,
+                options: engine.options(),
+            })?;
+            for path in written {
+                tracing::info!(path = %path.display(), "output written");
+            }
+        }
+        Command::Bench {
+            engine,
+            warmup,
+            iterations,
+            batch,
+            inputs,
+            json,
+        } => {
+            let load = engine.options();
+            let given = read_named_inputs(&engine.model, &inputs, &load)?;
+            let report = bench(
+                &BenchOptions {
+                    model: engine.model.clone(),
+                    load,
+                    warmup,
+                    iterations,
+                    batch,
+                },
+                given,
+            )?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string(&report)?)?;
+            } else {
+                writeln!(out, "{report}")?;
+            }
+        }
+        Command::Eval {
+            engine,
+            data,
+            cloud_model,
+            metric,
+            step,
+            json,
+        } => {
+            let report = evaluate(&EvalOptions {
+                model: engine.model.clone(),
+                data,
+                cloud_model,
+                metric,
+                step,
+                load: engine.options(),
+            })?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+            } else {
+                write!(out, "{report}")?;
+            }
+        }
+        Command::Frames(FramesCommand::Decode { input }) => decode_frames(input)?,
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Frames(FramesCommand::Decode { input }) => decode_frames(input),
-    };
-    match result {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             #[allow(clippy::print_stderr)] // the one place a CLI reports its failure

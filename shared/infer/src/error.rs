@@ -8,12 +8,12 @@ use crate::format::ModelFormat;
 #[derive(Debug, thiserror::Error)]
 pub enum InferError {
     /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A `.npy` file is malformed or of an unsupported element type.
     #[error("{}: not a usable .npy file: {detail}", path.display())]

@@ -12,6 +12,7 @@
 //! - [`tensor`]: the [`Tensor`] type the API speaks, with `.npy` reading and writing.
 //! - [`format`]: format detection from file contents.
 //! - [`confidence`]: softmax and the confidence metrics (max-probability, margin, entropy).
+//! - [`evaluation`]: accuracy and the confidence curve (escalation rate vs. accuracy).
 //! - [`metadata`]: the model metadata sidecar (labels, input spec, which output is what).
 //! - [`image`]: PNG/JPEG inputs preprocessed as a sidecar says.
 //! - `onnx` *(private)*: ONNX on tract-onnx, with shape specialization, `If` folding and a relaxed
@@ -22,6 +23,7 @@
 
 pub mod confidence;
 pub mod error;
+pub mod evaluation;
 pub mod format;
 pub mod image;
 pub mod metadata;
@@ -46,7 +48,7 @@ pub use tensor::{DType, Tensor};
 pub fn load_path(path: &Path, options: &LoadOptions) -> Result<Box<dyn Model>, InferError> {
     let bytes = std::fs::read(path).map_err(|source| InferError::Io {
         path: path.to_owned(),
-        source,
+        error: source,
     })?;
     load_bytes(&bytes, &path.display().to_string(), options)
 }

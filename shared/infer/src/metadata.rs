@@ -163,7 +163,7 @@ impl Metadata {
     pub fn load(path: &Path) -> Result<Self, InferError> {
         let text = std::fs::read_to_string(path).map_err(|source| InferError::Io {
             path: path.to_owned(),
-            source,
+            error: source,
         })?;
         Self::parse(&text).map_err(|detail| InferError::Metadata {
             path: path.to_owned(),

@@ -111,6 +111,13 @@ impl ModelInfo {
             });
         }
         for (spec, tensor) in self.inputs.iter().zip(inputs) {
+            if tensor.is_empty() {
+                return Err(InferError::InputShape {
+                    input: spec.name.clone(),
+                    expected: format!("{} (a non-empty tensor)", spec.shape_text()),
+                    got: tensor.shape().to_vec(),
+                });
+            }
             if spec.dtype != tensor.dtype() {
                 let mut expected = spec.dtype.to_string();
                 if let Some(q) = spec.quantization {

@@ -149,7 +149,7 @@ impl Tensor {
     pub fn read_npy(path: &Path) -> Result<Self, InferError> {
         let bytes = std::fs::read(path).map_err(|source| InferError::Io {
             path: path.to_owned(),
-            source,
+            error: source,
         })?;
         Self::from_npy_bytes(&bytes).map_err(|detail| InferError::Npy {
             path: path.to_owned(),
@@ -187,7 +187,7 @@ impl Tensor {
     pub fn write_npy(&self, path: &Path) -> Result<(), InferError> {
         let file = std::fs::File::create(path).map_err(|source| InferError::Io {
             path: path.to_owned(),
-            source,
+            error: source,
         })?;
         let writer = std::io::BufWriter::new(file);
         with_array!(self, a => a.as_standard_layout().write_npy(writer)).map_err(|e| {

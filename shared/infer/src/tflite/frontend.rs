@@ -938,13 +938,6 @@ impl<'m> Frontend<'m> {
         let bias_ix = ins.get(2).copied().filter(|&b| b >= 0);
         let y = if quantized {
             let per_channel = self.q_channels(ins[1])?;
-            let channel_axes = if per_channel.as_ref().is_some_and(|(s, z, _)| {
-                s.iter().any(|v| *v != s[0]) || z.iter().any(|v| *v != z[0])
-            }) {
-                "O"
-            } else {
-                ""
-            };
             let bias = match bias_ix {
                 Some(b) => self
                     .constant(b)?
@@ -957,7 +950,11 @@ impl<'m> Frontend<'m> {
             let wb = self.add_const(&format!("{name}.bias"), bias)?;
             let mut inputs = vec![flat, wk, wb];
             inputs.extend(self.quant_inputs(name, ins[0], per_channel, out)?);
-            let axes = format!("BI,OI,O,,,{channel_axes},{channel_axes},,->BO").parse()?;
+            // Weight zero point and scale are scalars, or one per output channel (axis O).
+            let axis_of = |f: &TypedFact| if f.rank() == 1 { "O" } else { "" };
+            let b0 = axis_of(self.target.outlet_fact(inputs[5])?);
+            let bs = axis_of(self.target.outlet_fact(inputs[6])?);
+            let axes = format!("BI,OI,O,,,{b0},{bs},,->BO").parse()?;
             self.node(
                 name,
                 EinSum {

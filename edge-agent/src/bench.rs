@@ -1,0 +1,219 @@
+//! `edge-agent bench`: latency percentiles, throughput and peak memory of one model.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use cascade_infer::{DType, Dim, InferError, LoadOptions, Tensor, TensorSpec, load_path};
+use ndarray::ArrayD;
+use serde::Serialize;
+
+/// How to benchmark.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Model file.
+    pub model: PathBuf,
+    /// Engine options (backend, threads).
+    pub load: LoadOptions,
+    /// Runs before measuring.
+    pub warmup: usize,
+    /// Measured runs.
+    pub iterations: usize,
+    /// Size of free batch dimensions (the first dimension when it is symbolic).
+    pub batch: usize,
+}
+
+/// What a benchmark measured. Latencies are per call (one batch).
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Model file.
+    pub model: String,
+    /// Engine that ran it.
+    pub backend: String,
+    /// Worker threads.
+    pub threads: usize,
+    /// Inputs per call.
+    pub batch: usize,
+    /// Measured calls.
+    pub iterations: usize,
+    /// Time to load and compile, milliseconds.
+    pub load_ms: f64,
+    /// Median latency, microseconds.
+    pub p50_us: f64,
+    /// 90th percentile latency, microseconds.
+    pub p90_us: f64,
+    /// 99th percentile latency, microseconds.
+    pub p99_us: f64,
+    /// Mean latency, microseconds.
+    pub mean_us: f64,
+    /// Inputs per second (batch / mean latency).
+    pub throughput: f64,
+    /// Peak resident memory of the process, KiB (Linux `VmHWM`).
+    pub peak_rss_kib: Option<u64>,
+}
+
+impl fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "model       {}", self.model)?;
+        writeln!(
+            f,
+            "backend     {} ({} thread(s), batch {})",
+            self.backend, self.threads, self.batch
+        )?;
+        writeln!(f, "load        {:.1} ms", self.load_ms)?;
+        writeln!(
+            f,
+            "latency     p50 {:.1} us  p90 {:.1} us  p99 {:.1} us  mean {:.1} us ({} runs)",
+            self.p50_us, self.p90_us, self.p99_us, self.mean_us, self.iterations
+        )?;
+        writeln!(f, "throughput  {:.0} inputs/s", self.throughput)?;
+        match self.peak_rss_kib {
+            Some(kib) => write!(f, "peak RSS    {:.1} MiB", kib as f64 / 1024.0),
+            None => write!(f, "peak RSS    unavailable"),
+        }
+    }
+}
+
+/// A deterministic input for `spec`: free dimensions become `batch` (first) or 1.
+pub fn synthetic_input(spec: &TensorSpec, batch: usize) -> Result<Tensor, InferError> {
+    let shape: Vec<usize> = spec
+        .shape
+        .iter()
+        .enumerate()
+        .map(|(i, d)| match d {
+            Dim::Fixed(n) => *n,
+            Dim::Symbolic(_) if i == 0 => batch,
+            Dim::Symbolic(_) => 1,
+        })
+        .collect();
+    let n: usize = shape.iter().product();
+    // A cheap deterministic pseudo-random sequence: the benchmark must not depend on input data
+    // paths that a constant input would short-circuit.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let bad = |e: ndarray::ShapeError| InferError::Tensor(e.to_string());
+    Ok(match spec.dtype {
+        DType::F32 => Tensor::F32(
+            ArrayD::from_shape_vec(
+                shape,
+                (0..n).map(|_| (next() % 1000) as f32 / 1000.0).collect(),
+            )
+            .map_err(bad)?,
+        ),
+        DType::I8 => Tensor::I8(
+            ArrayD::from_shape_vec(shape, (0..n).map(|_| next() as i8).collect()).map_err(bad)?,
+        ),
+        DType::U8 => Tensor::U8(
+            ArrayD::from_shape_vec(shape, (0..n).map(|_| next() as u8).collect()).map_err(bad)?,
+        ),
+        DType::I16 => Tensor::I16(
+            ArrayD::from_shape_vec(shape, (0..n).map(|_| next() as i16).collect()).map_err(bad)?,
+        ),
+        DType::I32 => Tensor::I32(ArrayD::from_shape_vec(shape, vec![0; n]).map_err(bad)?),
+        DType::I64 => Tensor::I64(ArrayD::from_shape_vec(shape, vec![0; n]).map_err(bad)?),
+        DType::Bool => Tensor::Bool(ArrayD::from_shape_vec(shape, vec![false; n]).map_err(bad)?),
+    })
+}
+
+/// Peak resident set size of this process, from `/proc/self/status`.
+pub fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let ix = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[ix.min(sorted.len() - 1)].as_secs_f64() * 1e6
+}
+
+/// Loads the model, warms it up and measures `iterations` calls on synthetic inputs.
+pub fn bench(
+    options: &BenchOptions,
+    inputs: Option<Vec<Tensor>>,
+) -> Result<BenchReport, InferError> {
+    let started = Instant::now();
+    let model = load_path(&options.model, &options.load)?;
+    let info = model.info().clone();
+    let inputs = match inputs {
+        Some(given) => given,
+        None => info
+            .inputs
+            .iter()
+            .map(|s| synthetic_input(s, options.batch))
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    // The first run compiles shape-specialized plans; count it as loading.
+    model.run(inputs.clone())?;
+    let load_ms = started.elapsed().as_secs_f64() * 1e3;
+    for _ in 0..options.warmup {
+        model.run(inputs.clone())?;
+    }
+    let iterations = options.iterations.max(1);
+    let mut times = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        // Cloning the inputs is outside the timed region: peers time only the call.
+        let call = inputs.clone();
+        let t = Instant::now();
+        let out = model.run(call)?;
+        times.push(t.elapsed());
+        drop(out);
+    }
+    times.sort();
+    let mean = times.iter().sum::<Duration>().as_secs_f64() / times.len() as f64;
+    let batch = inputs
+        .first()
+        .and_then(|t| t.shape().first().copied())
+        .unwrap_or(1)
+        .max(1);
+    Ok(BenchReport {
+        model: options.model.display().to_string(),
+        backend: info.backend.to_string(),
+        threads: options.load.threads.max(1),
+        batch,
+        iterations,
+        load_ms,
+        p50_us: percentile(&times, 0.50),
+        p90_us: percentile(&times, 0.90),
+        p99_us: percentile(&times, 0.99),
+        mean_us: mean * 1e6,
+        throughput: batch as f64 / mean,
+        peak_rss_kib: peak_rss_kib(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_inputs_fill_free_dimensions() {
+        let spec = TensorSpec {
+            name: "x".into(),
+            dtype: DType::F32,
+            shape: vec![Dim::Symbolic("N".into()), Dim::Fixed(64)],
+            quantization: None,
+        };
+        let t = synthetic_input(&spec, 8).unwrap();
+        assert_eq!(t.shape(), &[8, 64]);
+        let values = t.as_f32().unwrap();
+        assert!(values.iter().any(|&v| v != values[[0, 0]]), "inputs vary");
+    }
+
+    #[test]
+    fn percentiles_pick_from_sorted_samples() {
+        let times: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
+        assert_eq!(percentile(&times, 0.5), 51.0);
+        assert_eq!(percentile(&times, 0.99), 99.0);
+    }
+}
