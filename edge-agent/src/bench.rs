@@ -8,6 +8,8 @@ use cascade_infer::{DType, Dim, InferError, LoadOptions, Tensor, TensorSpec, loa
 use ndarray::ArrayD;
 use serde::Serialize;
 
+use crate::infer_files::{InferFilesError, read_inputs};
+
 /// How to benchmark.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -21,6 +23,8 @@ pub struct BenchOptions {
     pub iterations: usize,
     /// Size of free batch dimensions (the first dimension when it is symbolic).
     pub batch: usize,
+    /// Real inputs (`FILE` or `NAME=FILE`) instead of synthetic ones.
+    pub inputs: Vec<String>,
 }
 
 /// What a benchmark measured. Latencies are per call (one batch).
@@ -137,21 +141,18 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[ix.min(sorted.len() - 1)].as_secs_f64() * 1e6
 }
 
-/// Loads the model, warms it up and measures `iterations` calls on synthetic inputs.
-pub fn bench(
-    options: &BenchOptions,
-    inputs: Option<Vec<Tensor>>,
-) -> Result<BenchReport, InferError> {
+/// Loads the model, warms it up and measures `iterations` calls on the given or synthetic inputs.
+pub fn bench(options: &BenchOptions) -> Result<BenchReport, InferFilesError> {
     let started = Instant::now();
     let model = load_path(&options.model, &options.load)?;
     let info = model.info().clone();
-    let inputs = match inputs {
-        Some(given) => given,
-        None => info
-            .inputs
+    let inputs = if options.inputs.is_empty() {
+        info.inputs
             .iter()
             .map(|s| synthetic_input(s, options.batch))
-            .collect::<Result<Vec<_>, _>>()?,
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        read_inputs(model.as_ref(), &options.model, &options.inputs)?
     };
     // The first run compiles shape-specialized plans; count it as loading.
     model.run(inputs.clone())?;

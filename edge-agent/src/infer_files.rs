@@ -78,6 +78,35 @@ fn read_input(
     Ok(load_image(file, input)?)
 }
 
+/// Reads `FILE` / `NAME=FILE` arguments into the model's inputs, in its order.
+///
+/// `NAME=FILE` names one of the model's inputs; a value whose part before `=` is not an input
+/// name is taken whole as a path (file names may contain `=`), unless no such file exists.
+pub fn read_inputs(
+    model: &dyn Model,
+    model_path: &Path,
+    raw: &[String],
+) -> Result<Vec<Tensor>, InferFilesError> {
+    let info = model.info();
+    let mut named = Vec::new();
+    for raw in raw {
+        // NAME=FILE when NAME is one of the model's inputs; otherwise the whole value is a path.
+        let (name, file) = match raw.split_once('=') {
+            Some((n, f)) if info.inputs.iter().any(|i| i.name == n) => (Some(n.to_string()), f),
+            Some((n, _)) if !Path::new(raw).exists() => {
+                let known: Vec<&str> = info.inputs.iter().map(|i| i.name.as_str()).collect();
+                return Err(InferFilesError::Usage(format!(
+                    "the model has no input named {n:?}; its inputs are {known:?}"
+                )));
+            }
+            _ => (None, raw.as_str()),
+        };
+        let tensor = read_input(model, model_path, name.as_deref(), Path::new(file))?;
+        named.push((name, tensor));
+    }
+    Ok(info.order_inputs(named)?)
+}
+
 /// Runs the model and writes its outputs; returns the files written.
 pub fn infer(request: &InferRequest) -> Result<Vec<PathBuf>, InferFilesError> {
     if request.inputs.is_empty() {
@@ -97,28 +126,7 @@ pub fn infer(request: &InferRequest) -> Result<Vec<PathBuf>, InferFilesError> {
             info.outputs.len()
         )));
     }
-    let mut named = Vec::new();
-    for raw in &request.inputs {
-        // NAME=FILE when NAME is one of the model's inputs; otherwise the whole value is a path.
-        let (name, file) = match raw.split_once('=') {
-            Some((n, f)) if info.inputs.iter().any(|i| i.name == n) => (Some(n.to_string()), f),
-            Some((n, _)) if !Path::new(raw).exists() => {
-                let known: Vec<&str> = info.inputs.iter().map(|i| i.name.as_str()).collect();
-                return Err(InferFilesError::Usage(format!(
-                    "the model has no input named {n:?}; its inputs are {known:?}"
-                )));
-            }
-            _ => (None, raw.as_str()),
-        };
-        let tensor = read_input(
-            model.as_ref(),
-            &request.model,
-            name.as_deref(),
-            Path::new(file),
-        )?;
-        named.push((name, tensor));
-    }
-    let inputs = info.order_inputs(named)?;
+    let inputs = read_inputs(model.as_ref(), &request.model, &request.inputs)?;
     let outputs = model.run(inputs)?;
     let mut written = Vec::new();
     match (&request.output, &request.output_dir) {

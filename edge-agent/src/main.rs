@@ -164,31 +164,6 @@ fn decode_frames(input: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn read_named_inputs(
-    model: &PathBuf,
-    raw: &[String],
-    load: &LoadOptions,
-) -> anyhow::Result<Option<Vec<cascade_infer::Tensor>>> {
-    if raw.is_empty() {
-        return Ok(None);
-    }
-    let info = cascade_infer::load_path(model, load)?.info().clone();
-    let named = raw
-        .iter()
-        .map(|r| {
-            let (name, file) = match r.split_once('=') {
-                Some((n, f)) if info.inputs.iter().any(|i| i.name == n) => (Some(n.to_string()), f),
-                _ => (None, r.as_str()),
-            };
-            Ok((
-                name,
-                cascade_infer::Tensor::read_npy(std::path::Path::new(file))?,
-            ))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(Some(info.order_inputs(named)?))
-}
-
 fn run(cli: Cli) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match cli.command {
@@ -217,18 +192,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             inputs,
             json,
         } => {
-            let load = engine.options();
-            let given = read_named_inputs(&engine.model, &inputs, &load)?;
-            let report = bench(
-                &BenchOptions {
-                    model: engine.model.clone(),
-                    load,
-                    warmup,
-                    iterations,
-                    batch,
-                },
-                given,
-            )?;
+            let report = bench(&BenchOptions {
+                model: engine.model.clone(),
+                load: engine.options(),
+                warmup,
+                iterations,
+                batch,
+                inputs,
+            })?;
             if json {
                 writeln!(out, "{}", serde_json::to_string(&report)?)?;
             } else {
