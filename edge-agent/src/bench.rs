@@ -25,6 +25,19 @@ pub struct BenchOptions {
     pub batch: usize,
     /// Real inputs (`FILE` or `NAME=FILE`) instead of synthetic ones.
     pub inputs: Vec<String>,
+    /// Also time each operator (slowest first), when the backend can.
+    pub profile: bool,
+}
+
+/// Mean time of one operator per run.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpReport {
+    /// Node name.
+    pub node: String,
+    /// Operator.
+    pub op: String,
+    /// Mean time per run, microseconds.
+    pub mean_us: f64,
 }
 
 /// What a benchmark measured. Latencies are per call (one batch).
@@ -54,6 +67,9 @@ pub struct BenchReport {
     pub throughput: f64,
     /// Peak resident memory of the process, KiB (Linux `VmHWM`).
     pub peak_rss_kib: Option<u64>,
+    /// Per-operator times, slowest first (with `--profile`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ops: Vec<OpReport>,
 }
 
 impl fmt::Display for BenchReport {
@@ -72,9 +88,16 @@ impl fmt::Display for BenchReport {
         )?;
         writeln!(f, "throughput  {:.0} inputs/s", self.throughput)?;
         match self.peak_rss_kib {
-            Some(kib) => write!(f, "peak RSS    {:.1} MiB", kib as f64 / 1024.0),
-            None => write!(f, "peak RSS    unavailable"),
+            Some(kib) => write!(f, "peak RSS    {:.1} MiB", kib as f64 / 1024.0)?,
+            None => write!(f, "peak RSS    unavailable")?,
         }
+        if !self.ops.is_empty() {
+            write!(f, "\n\nslowest operators (mean per run):")?;
+            for op in self.ops.iter().take(15) {
+                write!(f, "\n  {:>10.1} us  {:<24} {}", op.mean_us, op.op, op.node)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -171,6 +194,21 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport, InferFilesError> {
         drop(out);
     }
     times.sort();
+    let ops = if options.profile {
+        match model.profile(inputs.clone(), iterations.min(200)) {
+            Some(result) => result?
+                .into_iter()
+                .map(|t| OpReport {
+                    node: t.node,
+                    op: t.op,
+                    mean_us: t.mean.as_secs_f64() * 1e6,
+                })
+                .collect(),
+            None => Vec::new(),
+        }
+    } else {
+        Vec::new()
+    };
     let mean = times.iter().sum::<Duration>().as_secs_f64() / times.len() as f64;
     let batch = inputs
         .first()
@@ -190,6 +228,7 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport, InferFilesError> {
         mean_us: mean * 1e6,
         throughput: batch as f64 / mean,
         peak_rss_kib: peak_rss_kib(),
+        ops,
     })
 }
 

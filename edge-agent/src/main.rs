@@ -60,6 +60,9 @@ enum Command {
         /// Real inputs instead of synthetic ones: FILE or NAME=FILE, as for `infer`.
         #[arg(long = "input")]
         inputs: Vec<String>,
+        /// Also time every operator and list the slowest.
+        #[arg(long)]
+        profile: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -190,6 +193,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             iterations,
             batch,
             inputs,
+            profile,
             json,
         } => {
             let report = bench(&BenchOptions {
@@ -199,6 +203,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 iterations,
                 batch,
                 inputs,
+                profile,
             })?;
             if json {
                 writeln!(out, "{}", serde_json::to_string(&report)?)?;

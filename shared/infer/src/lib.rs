@@ -40,7 +40,7 @@ pub use confidence::{Confidence, Metric, softmax};
 pub use error::{InferError, LoadError};
 pub use format::ModelFormat;
 pub use model::{
-    BackendChoice, Dim, LoadOptions, Model, ModelInfo, QuantParams, TensorSpec, run_batch,
+    BackendChoice, Dim, LoadOptions, Model, ModelInfo, OpTime, QuantParams, TensorSpec, run_batch,
 };
 pub use tensor::{DType, Tensor};
 

@@ -196,6 +196,24 @@ pub trait Model: Send + Sync {
 
     /// Runs the model on inputs given in [`ModelInfo::inputs`] order.
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, InferError>;
+
+    /// Runs the model `runs` times and reports the time spent in each operator, when the backend
+    /// can (`None` otherwise).
+    fn profile(&self, inputs: Vec<Tensor>, runs: usize) -> Option<Result<Vec<OpTime>, InferError>> {
+        let _ = (inputs, runs);
+        None
+    }
+}
+
+/// Time spent in one node of a model, averaged over profiled runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpTime {
+    /// Node name.
+    pub node: String,
+    /// Operator.
+    pub op: String,
+    /// Mean time per run.
+    pub mean: std::time::Duration,
 }
 
 /// Which engine runs a model.

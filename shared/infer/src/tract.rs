@@ -12,10 +12,15 @@ use crate::model::{Dim, QuantParams, TensorSpec};
 use crate::tensor::{DType, Tensor};
 
 /// A compiled, runnable tract model.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Plan {
     runnable: Arc<TypedRunnableModel>,
+    /// Run states kept between calls: making one allocates, and small models feel it.
+    states: std::sync::Mutex<Vec<TypedSimpleState>>,
 }
+
+/// A plan's run state.
+type TypedSimpleState = SimpleState<TypedFact, Box<dyn TypedOp>>;
 
 /// The executor for `threads` worker threads (one pool per model, so models do not contend).
 pub(crate) fn executor(threads: usize) -> Executor {
@@ -36,6 +41,7 @@ impl Plan {
         };
         Ok(Plan {
             runnable: model.into_runnable_with_options(&options)?,
+            states: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -50,8 +56,54 @@ impl Plan {
             .zip(input_types)
             .map(|(t, dt)| to_tract(t, *dt).map(TValue::from))
             .collect::<TractResult<TVec<_>>>()?;
-        let outputs = self.runnable.run(inputs)?;
+        // Reuse an idle state (one per concurrent caller); a poisoned lock just means none.
+        let reused = self.states.lock().ok().and_then(|mut s| s.pop());
+        let mut state = match reused {
+            Some(state) => state,
+            None => self.runnable.spawn()?,
+        };
+        let outputs = state.run(inputs)?;
+        if let Ok(mut states) = self.states.lock() {
+            states.push(state);
+        }
         outputs.into_iter().map(|v| from_tract(&v)).collect()
+    }
+
+    /// Runs the plan `runs` times timing every node; the slowest nodes first.
+    pub(crate) fn profile(
+        &self,
+        inputs: Vec<Tensor>,
+        input_types: &[DatumType],
+        runs: usize,
+    ) -> TractResult<Vec<crate::model::OpTime>> {
+        use std::time::{Duration, Instant};
+        let inputs = inputs
+            .into_iter()
+            .zip(input_types)
+            .map(|(t, dt)| to_tract(t, *dt).map(TValue::from))
+            .collect::<TractResult<TVec<_>>>()?;
+        let mut state = self.runnable.spawn()?;
+        let mut totals: HashMap<usize, Duration> = HashMap::default();
+        let runs = runs.max(1);
+        for _ in 0..runs {
+            state.run_plan_with_eval(inputs.clone(), |ctx, op_state, node, input| {
+                let started = Instant::now();
+                let out = tract_core::plan::eval(ctx, op_state, node, input);
+                *totals.entry(node.id).or_default() += started.elapsed();
+                out
+            })?;
+        }
+        let model = self.runnable.model();
+        let mut times: Vec<crate::model::OpTime> = totals
+            .into_iter()
+            .map(|(id, total)| crate::model::OpTime {
+                node: model.nodes[id].name.clone(),
+                op: model.nodes[id].op().name().to_string(),
+                mean: total / runs as u32,
+            })
+            .collect();
+        times.sort_by_key(|t| std::cmp::Reverse(t.mean));
+        Ok(times)
     }
 
     /// The datum types the plan's inputs expect (quantized types included).

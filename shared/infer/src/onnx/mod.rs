@@ -281,6 +281,19 @@ impl Model for OnnxModel {
         plan.run(inputs, &self.input_types)
             .map_err(|e| run_error(&self.info.source, e))
     }
+
+    fn profile(
+        &self,
+        inputs: Vec<Tensor>,
+        runs: usize,
+    ) -> Option<Result<Vec<crate::model::OpTime>, InferError>> {
+        let result = self.info.check_inputs(&inputs).and_then(|()| {
+            let plan = self.plan_for(self.key_for(&inputs))?;
+            plan.profile(inputs, &self.input_types, runs)
+                .map_err(|e| run_error(&self.info.source, e))
+        });
+        Some(result)
+    }
 }
 
 fn scalar_value(t: &Tensor) -> Option<i64> {

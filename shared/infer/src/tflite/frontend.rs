@@ -30,6 +30,7 @@ use tract_tflite::tflite::{
     self as fb, ActivationFunctionType, BuiltinOperator, Padding, TensorType,
 };
 
+use super::qkernels::{Channels, IntOutput, Operand, QAdd, QConv, QFullyConnected, QMul};
 use super::rescale::{Affine, Rescale};
 use crate::model::{QuantParams, TensorSpec};
 
@@ -100,6 +101,14 @@ pub(crate) fn translate(bytes: &[u8]) -> Result<Translated, FrontendError> {
         inputs,
         outputs,
     })
+}
+
+/// Stride, dilation and padding of a convolution.
+#[derive(Debug, Clone, Copy)]
+struct ConvGeometry {
+    same: bool,
+    strides: [usize; 2],
+    dilations: [usize; 2],
 }
 
 /// Scales, zero points and axis of a per-channel quantized constant.
@@ -745,6 +754,56 @@ impl<'m> Frontend<'m> {
             return self.activation(name, y, out, act);
         }
         let (qa, qb) = (self.q(a)?, self.q(b)?);
+        let int_inputs = [a, b].iter().all(|&t| {
+            matches!(
+                self.dt(t),
+                Ok(DatumType::I8 | DatumType::U8 | DatumType::I16)
+            )
+        });
+        let (dt_a, dt_b) = (self.dt(a)?, self.dt(b)?);
+        // The table-driven int8 ADD needs both inputs of one 8-bit type.
+        let same_8bit = dt_a == dt_b && matches!(dt_a, DatumType::I8 | DatumType::U8);
+        if let (true, Some(qa), Some(qb), Some(qy)) = (int_inputs, qa, qb, self.q(out)?) {
+            let operand = |q: Affine| Operand {
+                zero_point: q.zero_point,
+                scale: q.scale,
+            };
+            let output = self.int_output(out, act)?;
+            let kind = mini.0.name();
+            let y = match kind {
+                "Add" | "Sub" if same_8bit => {
+                    let subtract = kind == "Sub";
+                    self.node(
+                        name,
+                        QAdd::new(operand(qa), operand(qb), qy.scale, subtract, dt_a, output),
+                        &[wa, wb],
+                    )?
+                }
+                "Mul" => self.node(
+                    name,
+                    QMul::new(operand(qa), operand(qb), qy.scale, output),
+                    &[wa, wb],
+                )?,
+                _ => self.float_binary(name, mini, wa, wb, Some(qa), Some(qb), out, act)?,
+            };
+            return Ok(y);
+        }
+        self.float_binary(name, mini, wa, wb, qa, qb, out, act)
+    }
+
+    /// A quantized binary operator computed on decoded values and re-encoded.
+    #[allow(clippy::too_many_arguments)]
+    fn float_binary(
+        &mut self,
+        name: &str,
+        mini: tract_core::ops::binary::TypedBinOp,
+        wa: OutletId,
+        wb: OutletId,
+        qa: Option<Affine>,
+        qb: Option<Affine>,
+        out: i32,
+        act: ActivationFunctionType,
+    ) -> TractResult<OutletId> {
         let ra = self.decode(&format!("{name}.a"), wa, qa)?;
         let rb = self.decode(&format!("{name}.b"), wb, qb)?;
         let y =
@@ -793,116 +852,200 @@ impl<'m> Frontend<'m> {
                 o.fused_activation_function(),
             )
         };
-        let per_channel = self.q_channels(ins[1])?;
-        // TFLite depthwise kernels are [1, H, W, C*m], output channel c*m + j. tract's grouped
-        // OHWI kernels are [O/group, H, W, C] with the same output order, so [m, H, W, C].
-        let (kernel, out_channels) = if depthwise {
+        let strides = [strides[0].max(1) as usize, strides[1].max(1) as usize];
+        let dilations = [dilations[0].max(1) as usize, dilations[1].max(1) as usize];
+        // Kernels as [outputs, kh, kw, inputs per group]. TFLite depthwise kernels are
+        // [1, kh, kw, C*m] with output channel c*m + j reading input channel c: that is groups of
+        // one input channel and m outputs, [C*m, kh, kw, 1].
+        let (kernel, groups) = if depthwise {
             let s = kernel.shape().to_vec();
             ensure!(
                 s.len() == 4 && s[0] == 1,
                 "depthwise kernel must be [1, H, W, C*m], got {s:?}"
             );
-            let multiplier = s[3] / in_channels.max(1);
             ensure!(
-                multiplier * in_channels == s[3],
+                in_channels > 0 && s[3] % in_channels == 0,
                 "depthwise kernel has {} channels for {in_channels} inputs",
                 s[3]
             );
-            let k = kernel
-                .into_shape(&[s[1], s[2], in_channels, multiplier])?
-                .permute_axes(&[3, 0, 1, 2])?;
-            (k, s[3])
+            (kernel.permute_axes(&[3, 1, 2, 0])?, in_channels)
         } else {
-            let o = kernel.shape()[0];
-            (kernel, o)
+            (kernel, 1)
         };
-        let kshape = kernel.shape().to_vec();
-        let (kh, kw) = (kshape[1], kshape[2]);
-        let group = if depthwise { in_channels } else { 1 };
+        let quantized = self.dt(ins[1])? != DatumType::F32 && self.dt(ins[0])? != DatumType::F32;
+        if quantized {
+            let geometry = ConvGeometry {
+                same: padding == Padding::SAME,
+                strides,
+                dilations,
+            };
+            let y = self.qconv(name, ins, out, &kernel, groups, geometry, act)?;
+            return Ok(y);
+        }
+        // Float: tract's convolution. Its grouped OHWI kernels are [outputs / groups, kh, kw,
+        // inputs], so the depthwise [C*m, kh, kw, 1] becomes [m, kh, kw, C].
+        let out_channels = kernel.shape()[0];
+        let (kh, kw) = (kernel.shape()[1], kernel.shape()[2]);
+        let kernel = if depthwise {
+            let multiplier = out_channels / in_channels;
+            kernel
+                .into_shape(&[in_channels, multiplier, kh, kw])?
+                .permute_axes(&[1, 2, 3, 0])?
+                .cast_to::<f32>()?
+                .into_owned()
+        } else {
+            kernel.cast_to::<f32>()?.into_owned()
+        };
         let pool_spec = PoolSpec {
             data_format: DataFormat::NHWC,
             kernel_shape: tvec!(kh, kw),
             padding: padding_spec(padding)?,
-            strides: Some(tvec!(
-                strides[0].max(1) as usize,
-                strides[1].max(1) as usize
-            )),
-            dilations: Some(tvec!(
-                dilations[0].max(1) as usize,
-                dilations[1].max(1) as usize
-            )),
+            strides: Some(tvec!(strides[0], strides[1])),
+            dilations: Some(tvec!(dilations[0], dilations[1])),
             input_channels: in_channels,
             output_channels: out_channels,
         };
-        let quantized = self.dt(ins[1])? != DatumType::F32 && self.dt(ins[0])? != DatumType::F32;
-        let bias_ix = ins.get(2).copied().filter(|&b| b >= 0);
-        let (bias_dt, q_params) = if quantized {
-            (DatumType::I32, Some(self.dt(out)?))
-        } else {
-            (DatumType::F32, None)
-        };
-        let bias = match bias_ix {
+        let bias = match ins.get(2).copied().filter(|&b| b >= 0) {
             Some(b) => self
                 .constant(b)?
                 .context("convolution bias must be constant")?
-                .cast_to_dt(bias_dt)?
+                .cast_to::<f32>()?
                 .into_owned(),
-            None => Tensor::zero_dt(bias_dt, &[out_channels])?,
-        };
-        let kernel = if quantized {
-            kernel
-        } else {
-            kernel.cast_to::<f32>()?.into_owned()
+            None => Tensor::zero::<f32>(&[out_channels])?,
         };
         let wk = self.add_const(&format!("{name}.kernel"), kernel)?;
         let wb = self.add_const(&format!("{name}.bias"), bias)?;
-        let mut inputs = vec![x, wk, wb];
-        if quantized {
-            inputs.extend(self.quant_inputs(name, ins[0], per_channel, out)?);
-        }
         let conv = Conv {
             pool_spec,
             kernel_fmt: KernelFormat::OHWI,
-            group,
-            q_params,
+            group: groups,
+            q_params: None,
         };
-        let y = self.node(name, conv, &inputs)?;
+        let y = self.node(name, conv, &[x, wk, wb])?;
         self.activation(name, y, out, act)
     }
 
-    /// The six quantization inputs of tract's int8 conv / matmul: a0, a_scale, b0, b_scale, c0, c_scale.
-    fn quant_inputs(
-        &mut self,
-        name: &str,
+    /// The integer output of tensor `out`: zero point, storage type, and the clamp of its type
+    /// range and of the fused activation (TFLite's `CalculateActivationRangeQuantized`).
+    fn int_output(&self, out: i32, act: ActivationFunctionType) -> TractResult<IntOutput> {
+        let dt = self.dt(out)?;
+        let q = self
+            .q(out)?
+            .context("quantized output has no quantization parameters")?;
+        let (type_min, type_max) = match dt {
+            DatumType::I8 => (-128, 127),
+            DatumType::U8 => (0, 255),
+            DatumType::I16 => (-32768, 32767),
+            other => bail!("unsupported quantized output type {other:?}"),
+        };
+        let (lo, hi) = activation_bounds(act)?;
+        let encode = |v: f32| q.zero_point + (v / q.scale).round() as i32;
+        let min = if lo.is_finite() {
+            type_min.max(encode(lo))
+        } else {
+            type_min
+        };
+        let max = if hi.is_finite() {
+            type_max.min(encode(hi))
+        } else {
+            type_max
+        };
+        Ok(IntOutput {
+            zero_point: q.zero_point,
+            min,
+            max,
+            dt,
+        })
+    }
+
+    /// Per-output-channel constants of an int8 convolution or fully-connected layer.
+    fn channels(
+        &self,
+        weights_ix: i32,
+        weights: &Tensor,
+        bias_ix: Option<i32>,
         x: i32,
-        weights: Option<ChannelQuant>,
         out: i32,
-    ) -> TractResult<Vec<OutletId>> {
+    ) -> TractResult<Channels> {
         let xq = self
             .q(x)?
             .context("quantized input has no quantization parameters")?;
         let yq = self
             .q(out)?
             .context("quantized output has no quantization parameters")?;
-        let (ks, k0, _) = weights.context("quantized weights have no quantization parameters")?;
-        let k0 = if k0.iter().all(|z| *z == k0[0]) {
-            tensor0(k0[0])
-        } else {
-            tensor1(&k0)
+        let (scales, zero_points, _) = self
+            .q_channels(weights_ix)?
+            .context("quantized weights have no quantization parameters")?;
+        let bias = match bias_ix {
+            Some(b) => Some(self.constant(b)?.context("bias must be constant")?),
+            None => None,
         };
-        let ks = if ks.iter().all(|s| *s == ks[0]) {
-            tensor0(ks[0])
-        } else {
-            tensor1(&ks)
+        Channels::new(
+            weights,
+            bias.as_ref(),
+            xq.zero_point,
+            xq.scale,
+            &scales,
+            &zero_points,
+            yq.scale,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn qconv(
+        &mut self,
+        name: &str,
+        ins: &[i32],
+        out: i32,
+        kernel: &Tensor,
+        groups: usize,
+        geometry: ConvGeometry,
+        act: ActivationFunctionType,
+    ) -> TractResult<OutletId> {
+        let x = self.input(ins[0])?;
+        let shape: Vec<usize> = self
+            .target
+            .outlet_fact(x)?
+            .shape
+            .iter()
+            .map(|d| Ok(d.to_usize()?))
+            .collect::<TractResult<_>>()?;
+        let (h, w, in_channels) = (shape[1], shape[2], shape[3]);
+        let (kh, kw) = (kernel.shape()[1], kernel.shape()[2]);
+        let rows = kernel.shape()[0];
+        let depth: usize = kernel.shape()[1..].iter().product();
+        let flat = kernel.clone().into_shape(&[rows, depth])?;
+        let channels = self.channels(
+            ins[1],
+            &flat,
+            ins.get(2).copied().filter(|&b| b >= 0),
+            ins[0],
+            out,
+        )?;
+        let ConvGeometry {
+            same,
+            strides,
+            dilations,
+        } = geometry;
+        let (oh, pad_h) = QConv::geometry(h, kh, strides[0], dilations[0], same);
+        let (ow, pad_w) = QConv::geometry(w, kw, strides[1], dilations[1], same);
+        let declared = self.shape(out)?;
+        ensure!(
+            declared.len() == 4 && declared[1] == oh && declared[2] == ow,
+            "computed output {oh}x{ow} does not match the declared {declared:?}"
+        );
+        let op = QConv {
+            channels,
+            output: self.int_output(out, act)?,
+            kernel: [kh, kw],
+            strides,
+            dilations,
+            pad_before: [pad_h, pad_w],
+            out_hw: [oh, ow],
+            groups,
+            in_channels,
         };
-        Ok(vec![
-            self.add_const(&format!("{name}.a0"), tensor0(xq.zero_point))?,
-            self.add_const(&format!("{name}.a_scale"), tensor0(xq.scale))?,
-            self.add_const(&format!("{name}.b0"), k0)?,
-            self.add_const(&format!("{name}.b_scale"), ks)?,
-            self.add_const(&format!("{name}.c0"), tensor0(yq.zero_point))?,
-            self.add_const(&format!("{name}.c_scale"), tensor0(yq.scale))?,
-        ])
+        self.node(name, op, &[x])
     }
 
     fn fully_connected(
@@ -937,33 +1080,12 @@ impl<'m> Frontend<'m> {
         let quantized = self.dt(ins[1])? != DatumType::F32 && self.dt(ins[0])? != DatumType::F32;
         let bias_ix = ins.get(2).copied().filter(|&b| b >= 0);
         let y = if quantized {
-            let per_channel = self.q_channels(ins[1])?;
-            let bias = match bias_ix {
-                Some(b) => self
-                    .constant(b)?
-                    .context("FULLY_CONNECTED bias must be constant")?
-                    .cast_to::<i32>()?
-                    .into_owned(),
-                None => Tensor::zero::<i32>(&[m])?,
+            let channels = self.channels(ins[1], &weights, bias_ix, ins[0], out)?;
+            let op = QFullyConnected {
+                channels,
+                output: self.int_output(out, act)?,
             };
-            let wk = self.add_const(&format!("{name}.weights"), weights)?;
-            let wb = self.add_const(&format!("{name}.bias"), bias)?;
-            let mut inputs = vec![flat, wk, wb];
-            inputs.extend(self.quant_inputs(name, ins[0], per_channel, out)?);
-            // Weight zero point and scale are scalars, or one per output channel (axis O).
-            let axis_of = |f: &TypedFact| if f.rank() == 1 { "O" } else { "" };
-            let b0 = axis_of(self.target.outlet_fact(inputs[5])?);
-            let bs = axis_of(self.target.outlet_fact(inputs[6])?);
-            let axes = format!("BI,OI,O,,,{b0},{bs},,->BO").parse()?;
-            self.node(
-                name,
-                EinSum {
-                    axes,
-                    operating_dt: DatumType::I32,
-                    q_params: Some(self.dt(out)?),
-                },
-                &inputs,
-            )?
+            self.node(name, op, &[flat])?
         } else {
             let flat = self.decode(&format!("{name}.in"), flat, None)?;
             let wk = self.add_const(
@@ -994,20 +1116,19 @@ impl<'m> Frontend<'m> {
                     &[y, wb],
                 )?;
             }
-            y
+            self.activation(name, y, out, act)?
         };
-        let y = if keep_dims && x_shape.len() > 2 {
+        if keep_dims && x_shape.len() > 2 {
             let mut to = x_shape.clone();
             *to.last_mut().context("empty shape")? = m.to_dim();
             self.node(
                 &format!("{name}.unflatten"),
                 AxisOp::Reshape(0, tvec!(n, m.to_dim()), to),
                 &[y],
-            )?
+            )
         } else {
-            y
-        };
-        self.activation(name, y, out, act)
+            Ok(y)
+        }
     }
 
     fn pool(

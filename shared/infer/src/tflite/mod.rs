@@ -1,6 +1,7 @@
 //! TFLite models on tract: Cascade's own frontend first, stock tract-tflite as a fallback.
 
 mod frontend;
+mod qkernels;
 mod rescale;
 
 use tract_core::internal::*;
@@ -29,6 +30,21 @@ impl Model for TfliteModel {
         self.plan
             .run(inputs, &self.input_types)
             .map_err(|e| run_error(&self.info.source, e))
+    }
+
+    fn profile(
+        &self,
+        inputs: Vec<Tensor>,
+        runs: usize,
+    ) -> Option<Result<Vec<crate::model::OpTime>, InferError>> {
+        if let Err(e) = self.info.check_inputs(&inputs) {
+            return Some(Err(e));
+        }
+        Some(
+            self.plan
+                .profile(inputs, &self.input_types, runs)
+                .map_err(|e| run_error(&self.info.source, e)),
+        )
     }
 }
 

@@ -1,0 +1,881 @@
+//! Integer kernels with TFLite's exact requantization arithmetic.
+//!
+//! tract 0.23's int8 matrix products are correct but slow on the small shapes microcontroller-class
+//! models are made of (a 640×128 int8 fully-connected layer took over a millisecond: measured with
+//! `edge-agent bench --profile`), and they requantize with their own rounding. These kernels are
+//! written for those shapes and reproduce the TFLite reference kernels bit for bit:
+//!
+//! - accumulation in `i32` of `(x - x_zero_point) * (w - w_zero_point)`, plus the `i32` bias;
+//! - requantization by a fixed-point multiplier and shift (`QuantizeMultiplier`,
+//!   `MultiplyByQuantizedMultiplier`: a rounding doubling high multiply, then a rounding right
+//!   shift), per output channel;
+//! - the output zero point, then the fused activation's clamp in the integer domain.
+//!
+//! [`QConv`] covers CONV_2D (one group) and DEPTHWISE_CONV_2D (one group per input channel, any
+//! depth multiplier); [`QFullyConnected`] covers FULLY_CONNECTED; [`QAdd`] and [`QMul`] the
+//! element-wise int8 ADD and MUL, inputs quantized alike or not.
+//!
+//! Activations and weights are widened to `i16` so that the inner products compile to
+//! multiply-add instructions (`pmaddwd`) on any x86-64 and to `smlal` on AArch64.
+
+use multiversion::multiversion;
+use tract_core::internal::*;
+use tract_core::ndarray::{ArrayD, IxDyn};
+
+/// A real multiplier in TFLite's fixed-point form: `real ≈ multiplier * 2^(shift - 31)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Multiplier {
+    multiplier: i32,
+    shift: i32,
+}
+
+impl Multiplier {
+    /// TFLite's `QuantizeMultiplier`.
+    pub(crate) fn new(real: f64) -> Self {
+        if real == 0.0 || !real.is_finite() {
+            return Multiplier {
+                multiplier: 0,
+                shift: 0,
+            };
+        }
+        // frexp: real = q * 2^shift with q in [0.5, 1).
+        let mut shift = real.abs().log2().floor() as i32 + 1;
+        let mut q = real / 2f64.powi(shift);
+        if q.abs() >= 1.0 {
+            q /= 2.0;
+            shift += 1;
+        }
+        if q.abs() < 0.5 {
+            q *= 2.0;
+            shift -= 1;
+        }
+        let mut fixed = (q * (1i64 << 31) as f64).round() as i64;
+        if fixed == 1i64 << 31 {
+            fixed /= 2;
+            shift += 1;
+        }
+        if shift < -31 {
+            return Multiplier {
+                multiplier: 0,
+                shift: 0,
+            };
+        }
+        Multiplier {
+            multiplier: fixed as i32,
+            shift,
+        }
+    }
+
+    /// TFLite's `MultiplyByQuantizedMultiplier`.
+    pub(crate) fn apply(self, x: i32) -> i32 {
+        let left = self.shift.max(0);
+        let right = (-self.shift).max(0);
+        rounding_divide_by_pot(
+            saturating_rounding_doubling_high_mul(x.wrapping_shl(left as u32), self.multiplier),
+            right,
+        )
+    }
+}
+
+fn saturating_rounding_doubling_high_mul(a: i32, b: i32) -> i32 {
+    if a == i32::MIN && b == i32::MIN {
+        return i32::MAX;
+    }
+    let ab = i64::from(a) * i64::from(b);
+    let nudge: i64 = if ab >= 0 { 1 << 30 } else { 1 - (1 << 30) };
+    // C++ integer division truncates toward zero; so does Rust's.
+    ((ab + nudge) / (1i64 << 31)) as i32
+}
+
+fn rounding_divide_by_pot(x: i32, exponent: i32) -> i32 {
+    if exponent <= 0 {
+        return x;
+    }
+    let mask = (1i64 << exponent) - 1;
+    let remainder = i64::from(x) & mask;
+    let threshold = (mask >> 1) + i64::from(x < 0);
+    (x >> exponent) + i32::from(remainder > threshold)
+}
+
+/// Integer output encoding: zero point, clamp (activation and type range), storage type.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct IntOutput {
+    pub zero_point: i32,
+    pub min: i32,
+    pub max: i32,
+    pub dt: DatumType,
+}
+
+impl IntOutput {
+    fn store(&self, values: Vec<i32>, shape: &[usize]) -> TractResult<Tensor> {
+        let clamp = |v: i32| v.clamp(self.min, self.max);
+        Ok(match self.dt {
+            DatumType::I8 => ArrayD::from_shape_vec(
+                IxDyn(shape),
+                values.into_iter().map(|v| clamp(v) as i8).collect(),
+            )?
+            .into_tensor(),
+            DatumType::U8 => ArrayD::from_shape_vec(
+                IxDyn(shape),
+                values.into_iter().map(|v| clamp(v) as u8).collect(),
+            )?
+            .into_tensor(),
+            DatumType::I16 => ArrayD::from_shape_vec(
+                IxDyn(shape),
+                values.into_iter().map(|v| clamp(v) as i16).collect(),
+            )?
+            .into_tensor(),
+            dt => bail!("unsupported integer output {dt:?}"),
+        })
+    }
+}
+
+/// The raw integer values of an i8 / u8 / i16 tensor, widened to i16.
+fn widen(t: &Tensor) -> TractResult<Vec<i16>> {
+    Ok(match t.datum_type().unquantized() {
+        DatumType::I8 => t.as_bytes().iter().map(|&b| i16::from(b as i8)).collect(),
+        DatumType::U8 => t.as_bytes().iter().map(|&b| i16::from(b)).collect(),
+        DatumType::I16 => t
+            .cast_to::<i16>()?
+            .try_as_plain_ram()?
+            .as_slice::<i16>()?
+            .to_vec(),
+        dt => bail!("expected an 8- or 16-bit integer tensor, got {dt:?}"),
+    })
+}
+
+fn widen_i32(t: &Tensor) -> TractResult<Vec<i32>> {
+    Ok(widen(t)?.into_iter().map(i32::from).collect())
+}
+
+/// `acc[o] += x * w[o]`: the loop the compiler vectorizes.
+#[inline]
+fn axpy(acc: &mut [i32], x: i32, w: &[i32]) {
+    for (a, &wv) in acc.iter_mut().zip(w) {
+        *a += x * wv;
+    }
+}
+
+/// Per-output-channel constants of an int8 convolution or fully-connected layer.
+///
+/// Weights are stored transposed, `[depth][outputs]` and widened to `i32`, so that one input
+/// value updates every output's accumulator in one vectorized pass; inputs equal to their zero
+/// point (ReLU's zeros, padding) contribute nothing and are skipped.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Channels {
+    /// `w[k][o]`, raw weight values.
+    weights_t: Vec<i32>,
+    depth: usize,
+    outputs: usize,
+    x_zero_point: i32,
+    /// The bias; with non-zero weight zero points also `-w_zp[o] * sum(x - x_zp)` at run time.
+    bias: Vec<i32>,
+    weight_zero_points: Option<Vec<i32>>,
+    multipliers: Vec<Multiplier>,
+}
+
+impl Channels {
+    /// `weights`: `[outputs, depth]` raw values; per-channel (or single) scales and zero points.
+    pub(crate) fn new(
+        weights: &Tensor,
+        bias: Option<&Tensor>,
+        x_zero_point: i32,
+        x_scale: f32,
+        w_scales: &[f32],
+        w_zero_points: &[i32],
+        y_scale: f32,
+    ) -> TractResult<Self> {
+        let outputs = weights.shape()[0];
+        let raw = widen(weights)?;
+        let depth = raw.len() / outputs.max(1);
+        let pick = |v: &[f32], o: usize| if v.len() == 1 { v[0] } else { v[o] };
+        let pick_zp = |o: usize| {
+            if w_zero_points.len() == 1 {
+                w_zero_points[0]
+            } else {
+                w_zero_points.get(o).copied().unwrap_or(0)
+            }
+        };
+        let bias: Vec<i32> = match bias {
+            Some(b) => b
+                .cast_to::<i32>()?
+                .try_as_plain_ram()?
+                .as_slice::<i32>()?
+                .to_vec(),
+            None => vec![0; outputs],
+        };
+        ensure!(
+            bias.len() == outputs,
+            "bias has {} values for {outputs} outputs",
+            bias.len()
+        );
+        let mut weights_t = vec![0i32; depth * outputs];
+        for o in 0..outputs {
+            for k in 0..depth {
+                weights_t[k * outputs + o] = i32::from(raw[o * depth + k]);
+            }
+        }
+        let multipliers = (0..outputs)
+            .map(|o| {
+                Multiplier::new(
+                    f64::from(x_scale) * f64::from(pick(w_scales, o)) / f64::from(y_scale),
+                )
+            })
+            .collect();
+        let weight_zero_points = (0..outputs)
+            .any(|o| pick_zp(o) != 0)
+            .then(|| (0..outputs).map(pick_zp).collect());
+        Ok(Channels {
+            weights_t,
+            depth,
+            outputs,
+            x_zero_point,
+            bias,
+            weight_zero_points,
+            multipliers,
+        })
+    }
+
+    /// Accumulates `(x[k] - x_zp) * w[k][..]` for input values `x` at depth offsets
+    /// `first..first + x.len()` into `acc`; returns `sum(x - x_zp)`.
+    #[inline]
+    fn accumulate(&self, acc: &mut [i32], first: usize, x: &[i16]) -> i32 {
+        let mut sum = 0;
+        for (k, &v) in x.iter().enumerate() {
+            let xs = i32::from(v) - self.x_zero_point;
+            if xs != 0 {
+                let at = (first + k) * self.outputs;
+                axpy(acc, xs, &self.weights_t[at..at + self.outputs]);
+                sum += xs;
+            }
+        }
+        sum
+    }
+
+    /// Turns accumulators (bias included) into outputs with zero point, not yet clamped.
+    #[inline]
+    fn finish(&self, acc: &mut [i32], sum_xs: i32, zero_point: i32) {
+        for (o, a) in acc.iter_mut().enumerate() {
+            if let Some(wz) = &self.weight_zero_points {
+                *a -= wz[o] * sum_xs;
+            }
+            *a = self.multipliers[o].apply(*a) + zero_point;
+        }
+    }
+}
+
+/// Quantized FULLY_CONNECTED: `[rows, depth]` in, `[rows, outputs]` out.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct QFullyConnected {
+    pub channels: Channels,
+    pub output: IntOutput,
+}
+
+impl Op for QFullyConnected {
+    fn name(&self) -> StaticName {
+        "QFullyConnected".into()
+    }
+    op_as_typed_op!();
+}
+
+impl EvalOp for QFullyConnected {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = widen(&inputs[0])?;
+        let c = &self.channels;
+        ensure!(
+            c.depth > 0 && x.len() % c.depth == 0,
+            "input does not hold whole rows of {}",
+            c.depth
+        );
+        let rows = x.len() / c.depth;
+        let mut out = Vec::with_capacity(rows * c.outputs);
+        for r in 0..rows {
+            let mut acc = c.bias.clone();
+            let sum = c.accumulate(&mut acc, 0, &x[r * c.depth..(r + 1) * c.depth]);
+            c.finish(&mut acc, sum, self.output.zero_point);
+            out.extend_from_slice(&acc);
+        }
+        Ok(tvec!(
+            self.output.store(out, &[rows, c.outputs])?.into_tvalue()
+        ))
+    }
+}
+
+/// The rows of a fully-connected layer. Compiled for AVX2 and SSE4.1 too, chosen at run time.
+#[multiversion(targets("x86_64+avx2", "x86_64+sse4.1"))]
+fn fully_connected(c: &Channels, x: &[i16], rows: usize, zero_point: i32) -> Vec<i32> {
+    let mut out = Vec::with_capacity(rows * c.outputs);
+    for r in 0..rows {
+        let mut acc = c.bias.clone();
+        let sum = c.accumulate(&mut acc, 0, &x[r * c.depth..(r + 1) * c.depth]);
+        c.finish(&mut acc, sum, zero_point);
+        out.extend_from_slice(&acc);
+    }
+    out
+}
+
+impl TypedOp for QFullyConnected {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs[0].rank() == 2, "QFullyConnected takes [rows, depth]");
+        Ok(tvec!(self.output.dt.fact([
+            inputs[0].shape[0].clone(),
+            self.channels.outputs.to_dim()
+        ])))
+    }
+    as_op!();
+}
+
+/// Quantized NHWC convolution in groups. Weights are `[outputs, kh, kw, inputs / groups]`; output
+/// channel `o` reads group `o / (outputs / groups)`, so depthwise with multiplier `m` is
+/// `groups = inputs` and output channel `c * m + j`, as in TFLite.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct QConv {
+    pub channels: Channels,
+    pub output: IntOutput,
+    pub kernel: [usize; 2],
+    pub strides: [usize; 2],
+    pub dilations: [usize; 2],
+    /// Padding before the first row and column (TFLite's SAME puts the extra one after).
+    pub pad_before: [usize; 2],
+    pub out_hw: [usize; 2],
+    pub groups: usize,
+    pub in_channels: usize,
+}
+
+impl QConv {
+    /// Output size and leading padding for TFLite's SAME / VALID padding.
+    pub(crate) fn geometry(
+        input: usize,
+        kernel: usize,
+        stride: usize,
+        dilation: usize,
+        same: bool,
+    ) -> (usize, usize) {
+        let effective = (kernel - 1) * dilation + 1;
+        if same {
+            let out = input.div_ceil(stride);
+            let total = ((out - 1) * stride + effective).saturating_sub(input);
+            (out, total / 2)
+        } else {
+            ((input.saturating_sub(effective)) / stride + 1, 0)
+        }
+    }
+
+    /// The input position a kernel tap reads for an output position, if inside the input.
+    #[inline]
+    fn source(&self, axis: usize, out: usize, tap: usize, size: usize) -> Option<usize> {
+        let at = (out * self.strides[axis] + tap * self.dilations[axis]) as isize
+            - self.pad_before[axis] as isize;
+        (at >= 0 && (at as usize) < size).then_some(at as usize)
+    }
+}
+
+/// Depthwise with multiplier 1: every channel reads only itself, so the update for one tap is
+/// an element-wise product over channels. Compiled for AVX2 and SSE4.1 too, chosen at run time.
+#[multiversion(targets("x86_64+avx2", "x86_64+sse4.1"))]
+fn depthwise(conv: &QConv, x: &[i16], n: usize, h: usize, w: usize) -> Vec<i32> {
+    {
+        let this = conv;
+        let c = &this.channels;
+        let channels = this.in_channels;
+        let [kh, kw] = this.kernel;
+        let [oh, ow] = this.out_hw;
+        let mut out = Vec::with_capacity(n * oh * ow * channels);
+        let mut xs = vec![0i32; channels];
+        for b in 0..n {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut acc = c.bias.clone();
+                    for ky in 0..kh {
+                        let Some(iy) = this.source(0, oy, ky, h) else {
+                            continue;
+                        };
+                        for kx in 0..kw {
+                            let Some(ix) = this.source(1, ox, kx, w) else {
+                                continue;
+                            };
+                            let start = ((b * h + iy) * w + ix) * channels;
+                            for (d, &v) in xs.iter_mut().zip(&x[start..start + channels]) {
+                                *d = i32::from(v) - c.x_zero_point;
+                            }
+                            let tap = (ky * kw + kx) * channels;
+                            for ((a, &v), &wv) in acc
+                                .iter_mut()
+                                .zip(&xs)
+                                .zip(&c.weights_t[tap..tap + channels])
+                            {
+                                *a += v * wv;
+                            }
+                        }
+                    }
+                    // Weight zero points are zero in int8 depthwise models (checked at load).
+                    c.finish(&mut acc, 0, this.output.zero_point);
+                    out.extend_from_slice(&acc);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Any grouping: per output pixel, the receptive field of each group updates that group's output
+/// channels. Compiled for AVX2 and SSE4.1 too, chosen at run time.
+#[multiversion(targets("x86_64+avx2", "x86_64+sse4.1"))]
+fn grouped(conv: &QConv, x: &[i16], n: usize, h: usize, w: usize) -> Vec<i32> {
+    {
+        let this = conv;
+        let c = &this.channels;
+        let [kh, kw] = this.kernel;
+        let [oh, ow] = this.out_hw;
+        let per_group_in = this.in_channels / this.groups;
+        let per_group_out = c.outputs / this.groups;
+        let mut out = Vec::with_capacity(n * oh * ow * c.outputs);
+        let mut acc = vec![0i32; c.outputs];
+        for b in 0..n {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    acc.copy_from_slice(&c.bias);
+                    let mut sums = vec![0i32; this.groups];
+                    for ky in 0..kh {
+                        let Some(iy) = this.source(0, oy, ky, h) else {
+                            continue;
+                        };
+                        for kx in 0..kw {
+                            let Some(ix) = this.source(1, ox, kx, w) else {
+                                continue;
+                            };
+                            let start = ((b * h + iy) * w + ix) * this.in_channels;
+                            let tap = (ky * kw + kx) * per_group_in;
+                            for (g, sum) in sums.iter_mut().enumerate() {
+                                let values =
+                                    &x[start + g * per_group_in..start + (g + 1) * per_group_in];
+                                let outs = g * per_group_out..(g + 1) * per_group_out;
+                                if this.groups == 1 {
+                                    *sum += c.accumulate(&mut acc, tap, values);
+                                } else {
+                                    // Weights of group g live in columns `outs` of the shared rows.
+                                    for (k, &v) in values.iter().enumerate() {
+                                        let xs = i32::from(v) - c.x_zero_point;
+                                        if xs != 0 {
+                                            let row = (tap + k) * c.outputs;
+                                            axpy(
+                                                &mut acc[outs.clone()],
+                                                xs,
+                                                &c.weights_t[row + outs.start..row + outs.end],
+                                            );
+                                            *sum += xs;
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    if let Some(wz) = &c.weight_zero_points {
+                        for (o, a) in acc.iter_mut().enumerate() {
+                            *a -= wz[o] * sums[o / per_group_out];
+                        }
+                    }
+                    for (o, a) in acc.iter().enumerate() {
+                        out.push(c.multipliers[o].apply(*a) + this.output.zero_point);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Op for QConv {
+    fn name(&self) -> StaticName {
+        "QConv".into()
+    }
+    op_as_typed_op!();
+}
+
+impl EvalOp for QConv {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let shape = inputs[0].shape().to_vec();
+        ensure!(
+            shape.len() == 4 && shape[3] == self.in_channels,
+            "QConv takes NHWC with {} channels, got {shape:?}",
+            self.in_channels
+        );
+        let (n, h, w) = (shape[0], shape[1], shape[2]);
+        let x = widen(&inputs[0])?;
+        let channel_wise = self.groups == self.in_channels
+            && self.channels.outputs == self.in_channels
+            && self.channels.weight_zero_points.is_none();
+        let out = if channel_wise {
+            depthwise(self, &x, n, h, w)
+        } else {
+            grouped(self, &x, n, h, w)
+        };
+        let [oh, ow] = self.out_hw;
+        Ok(tvec!(
+            self.output
+                .store(out, &[n, oh, ow, self.channels.outputs])?
+                .into_tvalue()
+        ))
+    }
+}
+
+impl TypedOp for QConv {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let s = &inputs[0].shape;
+        ensure!(s.len() == 4, "QConv takes NHWC");
+        Ok(tvec!(self.output.dt.fact([
+            s[0].clone(),
+            self.out_hw[0].to_dim(),
+            self.out_hw[1].to_dim(),
+            self.channels.outputs.to_dim()
+        ])))
+    }
+    as_op!();
+}
+
+/// The quantization of one element-wise operand: zero point and scale.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Operand {
+    pub zero_point: i32,
+    pub scale: f32,
+}
+
+/// Broadcasts two raw operand tensors to a common shape (numpy rules), widened to i32.
+fn broadcast_pair(a: &Tensor, b: &Tensor) -> TractResult<(ArrayD<i32>, ArrayD<i32>)> {
+    let a = ArrayD::from_shape_vec(IxDyn(a.shape()), widen_i32(a)?)?;
+    let b = ArrayD::from_shape_vec(IxDyn(b.shape()), widen_i32(b)?)?;
+    let rank = a.ndim().max(b.ndim());
+    let pad = |s: &[usize]| -> Vec<usize> {
+        std::iter::repeat_n(1, rank - s.len())
+            .chain(s.iter().copied())
+            .collect()
+    };
+    let (sa, sb) = (pad(a.shape()), pad(b.shape()));
+    let shape: Vec<usize> = sa.iter().zip(&sb).map(|(&x, &y)| x.max(y)).collect();
+    let a = a
+        .into_shape_with_order(sa)?
+        .broadcast(IxDyn(&shape))
+        .context("operands do not broadcast")?
+        .to_owned();
+    let b = b
+        .into_shape_with_order(sb)?
+        .broadcast(IxDyn(&shape))
+        .context("operands do not broadcast")?
+        .to_owned();
+    Ok((a, b))
+}
+
+/// TFLite's int8 ADD (and SUB): both inputs rescaled to a shared fixed-point scale with a left
+/// shift of 20 bits, added, and rescaled to the output.
+///
+/// Each input's rescaled value depends only on its 8-bit code, so both rescalings are tables of
+/// 256 entries built once; per element only the sum is requantized.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct QAdd {
+    /// Rescaled contribution of every code (index: code + 128 for i8, code for u8).
+    a_table: Vec<i32>,
+    b_table: Vec<i32>,
+    out: Multiplier,
+    subtract: bool,
+    pub output: IntOutput,
+}
+
+/// Index of an 8-bit code in a 256-entry table.
+#[inline]
+fn code_index(dt: DatumType, byte: u8) -> usize {
+    if dt.unquantized() == DatumType::I8 {
+        usize::from(byte ^ 0x80)
+    } else {
+        usize::from(byte)
+    }
+}
+
+impl QAdd {
+    pub(crate) fn new(
+        a: Operand,
+        b: Operand,
+        y_scale: f32,
+        subtract: bool,
+        input_dt: DatumType,
+        output: IntOutput,
+    ) -> Self {
+        const LEFT_SHIFT: i32 = 20;
+        let twice_max = 2.0 * f64::from(a.scale.max(b.scale));
+        let table = |op: Operand| {
+            let m = Multiplier::new(f64::from(op.scale) / twice_max);
+            (0..256)
+                .map(|i| {
+                    let code = if input_dt.unquantized() == DatumType::I8 {
+                        i - 128
+                    } else {
+                        i
+                    };
+                    m.apply((code - op.zero_point) << LEFT_SHIFT)
+                })
+                .collect()
+        };
+        QAdd {
+            a_table: table(a),
+            b_table: table(b),
+            out: Multiplier::new(twice_max / (f64::from(1u32 << LEFT_SHIFT) * f64::from(y_scale))),
+            subtract,
+            output,
+        }
+    }
+
+    #[inline]
+    fn combine(&self, x: i32, y: i32) -> i32 {
+        let sum = if self.subtract { x - y } else { x + y };
+        self.out.apply(sum) + self.output.zero_point
+    }
+}
+
+impl Op for QAdd {
+    fn name(&self) -> StaticName {
+        if self.subtract {
+            "QSub".into()
+        } else {
+            "QAdd".into()
+        }
+    }
+    op_as_typed_op!();
+}
+
+impl EvalOp for QAdd {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let (a, b) = (&inputs[0], &inputs[1]);
+        let (da, db) = (a.datum_type(), b.datum_type());
+        ensure!(
+            matches!(da.unquantized(), DatumType::I8 | DatumType::U8)
+                && matches!(db.unquantized(), DatumType::I8 | DatumType::U8),
+            "QAdd takes 8-bit inputs"
+        );
+        if a.shape() == b.shape() {
+            // The common case (residual connections): no broadcasting, straight over the bytes.
+            let values = a
+                .as_bytes()
+                .iter()
+                .zip(b.as_bytes())
+                .map(|(&x, &y)| {
+                    self.combine(
+                        self.a_table[code_index(da, x)],
+                        self.b_table[code_index(db, y)],
+                    )
+                })
+                .collect();
+            return Ok(tvec!(self.output.store(values, a.shape())?.into_tvalue()));
+        }
+        let (xa, xb) = broadcast_pair(a, b)?;
+        let shape = xa.shape().to_vec();
+        let index = |dt: DatumType, v: i32| {
+            if dt.unquantized() == DatumType::I8 {
+                (v + 128) as usize
+            } else {
+                v as usize
+            }
+        };
+        let values = xa
+            .iter()
+            .zip(xb.iter())
+            .map(|(&x, &y)| self.combine(self.a_table[index(da, x)], self.b_table[index(db, y)]))
+            .collect();
+        Ok(tvec!(self.output.store(values, &shape)?.into_tvalue()))
+    }
+}
+
+impl TypedOp for QAdd {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let shape =
+            tract_core::broadcast::multi_broadcast(&[&*inputs[0].shape, &*inputs[1].shape])?;
+        Ok(tvec!(self.output.dt.fact(shape)))
+    }
+    as_op!();
+}
+
+/// TFLite's int8 MUL: `(x - zx) * (y - zy)` requantized by `sx * sy / s_out`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct QMul {
+    a_zero_point: i32,
+    b_zero_point: i32,
+    multiplier: Multiplier,
+    pub output: IntOutput,
+}
+
+impl QMul {
+    pub(crate) fn new(a: Operand, b: Operand, y_scale: f32, output: IntOutput) -> Self {
+        QMul {
+            a_zero_point: a.zero_point,
+            b_zero_point: b.zero_point,
+            multiplier: Multiplier::new(
+                f64::from(a.scale) * f64::from(b.scale) / f64::from(y_scale),
+            ),
+            output,
+        }
+    }
+}
+
+impl Op for QMul {
+    fn name(&self) -> StaticName {
+        "QMul".into()
+    }
+    op_as_typed_op!();
+}
+
+impl EvalOp for QMul {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let (a, b) = broadcast_pair(&inputs[0], &inputs[1])?;
+        let shape = a.shape().to_vec();
+        let values = a
+            .iter()
+            .zip(b.iter())
+            .map(|(&x, &y)| {
+                self.multiplier
+                    .apply((x - self.a_zero_point) * (y - self.b_zero_point))
+                    + self.output.zero_point
+            })
+            .collect();
+        Ok(tvec!(self.output.store(values, &shape)?.into_tvalue()))
+    }
+}
+
+impl TypedOp for QMul {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let shape =
+            tract_core::broadcast::multi_broadcast(&[&*inputs[0].shape, &*inputs[1].shape])?;
+        Ok(tvec!(self.output.dt.fact(shape)))
+    }
+    as_op!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multiplier_matches_tflite_examples() {
+        // QuantizeMultiplier(0.5) = (2^30, 0); QuantizeMultiplier(0.25) = (2^30, -1).
+        assert_eq!(
+            Multiplier::new(0.5),
+            Multiplier {
+                multiplier: 1 << 30,
+                shift: 0
+            }
+        );
+        assert_eq!(
+            Multiplier::new(0.25),
+            Multiplier {
+                multiplier: 1 << 30,
+                shift: -1
+            }
+        );
+        assert_eq!(
+            Multiplier::new(3.0),
+            Multiplier {
+                multiplier: 3 << 29,
+                shift: 2
+            }
+        );
+        assert_eq!(
+            Multiplier::new(0.0),
+            Multiplier {
+                multiplier: 0,
+                shift: 0
+            }
+        );
+    }
+
+    #[test]
+    fn apply_rounds_like_the_reference() {
+        let half = Multiplier::new(0.5);
+        // gemmlowp's rounding doubling multiply rounds exact halves up: 2.5 -> 3, -2.5 -> -2.
+        assert_eq!(half.apply(5), 3);
+        assert_eq!(half.apply(-5), -2);
+        // A right shift rounds half away from zero: 7 * 0.25 = 1.75 -> 2, -6 * 0.25 = -1.5 -> -2.
+        let quarter = Multiplier::new(0.25);
+        assert_eq!(quarter.apply(7), 2);
+        assert_eq!(quarter.apply(-6), -2);
+        let m = Multiplier::new(0.001073099);
+        for acc in [-100_000, -12_345, -1, 0, 1, 777, 123_456] {
+            let expected = (f64::from(acc) * 0.001073099).round() as i32;
+            assert!(
+                (m.apply(acc) - expected).abs() <= 1,
+                "{acc}: {} vs {expected}",
+                m.apply(acc)
+            );
+        }
+    }
+
+    #[test]
+    fn same_padding_geometry_matches_tflite() {
+        // 5 wide, kernel 3, stride 2, SAME: 3 outputs, total padding 2, one before.
+        assert_eq!(QConv::geometry(5, 3, 2, 1, true), (3, 1));
+        // 4 wide, kernel 3, stride 2, SAME: 2 outputs, total padding 1, none before.
+        assert_eq!(QConv::geometry(4, 3, 2, 1, true), (2, 0));
+        assert_eq!(QConv::geometry(5, 3, 1, 1, false), (3, 0));
+    }
+
+    #[test]
+    fn fully_connected_matches_a_float_computation() {
+        // x: zero point -3, scale 0.5; w: scale 0.25 per tensor; y: scale 0.125, zero point 2.
+        // The requantization multiplier is then exactly 1.
+        let w = tensor2(&[[1i8, -2, 3], [4, 5, -6]]);
+        let bias = tensor1(&[10i32, -20]);
+        let channels = Channels::new(&w, Some(&bias), -3, 0.5, &[0.25], &[0], 0.125).unwrap();
+        let op = QFullyConnected {
+            channels,
+            output: IntOutput {
+                zero_point: 2,
+                min: -128,
+                max: 127,
+                dt: DatumType::I8,
+            },
+        };
+        let x = tensor2(&[[7i8, -3, 0]]);
+        let out = op
+            .eval(&EvalContext::out_of_plan(), tvec!(x.into_tvalue()))
+            .unwrap();
+        // x - zp = [10, 0, 3]: acc0 = 10 + 0 + 9 + 10 = 29, acc1 = 40 + 0 - 18 - 20 = 2; + zp 2.
+        assert_eq!(out[0].clone().into_tensor(), tensor2(&[[31i8, 4]]));
+    }
+
+    #[test]
+    fn add_rescales_differently_quantized_inputs() {
+        let op = QAdd::new(
+            Operand {
+                zero_point: 0,
+                scale: 0.5,
+            },
+            Operand {
+                zero_point: 10,
+                scale: 0.25,
+            },
+            0.5,
+            false,
+            DatumType::I8,
+            IntOutput {
+                zero_point: -1,
+                min: -128,
+                max: 127,
+                dt: DatumType::I8,
+            },
+        );
+        let a = tensor1(&[4i8, -6]);
+        let b = tensor1(&[18i8]);
+        let out = op
+            .eval(
+                &EvalContext::out_of_plan(),
+                tvec!(a.into_tvalue(), b.into_tvalue()),
+            )
+            .unwrap();
+        // Reals: a = [2, -3], b = 2; sums 4 and -1 -> 8 - 1 = 7, -2 - 1 = -3.
+        assert_eq!(out[0].clone().into_tensor(), tensor1(&[7i8, -3]));
+    }
+}
