@@ -1,11 +1,21 @@
 //! The Cascade cloud escalator, as a library the `cloud-escalator` binary and tests drive.
 //!
-//! Today it holds the protocol tools operators and integrators use from the command line; the
-//! escalation service, embedded broker and fleet API land here as they are built.
+//! It answers escalations from edge agents with a larger model, in dynamic batches, keeps the hard
+//! examples, and (by default) runs the MQTT broker itself so one command runs everything.
 //!
 //! # Module map
 //!
+//! - [`config`]: the TOML configuration, with defaults and validation.
+//! - [`service`]: the escalation service (consumer, validation, routing, batching, verdicts).
+//! - [`batcher`]: the dynamic batcher. Pure.
+//! - [`broker`]: the embedded MQTT 5 broker (rumqttd).
+//! - [`store`]: the hard-example store (SQLite) and its `.npy` export.
 //! - [`codec`]: converts between the wire encoding (postcard) and integration JSON, for people
 //!   connecting their own MQTT systems to a Cascade fleet.
 
+pub mod batcher;
+pub mod broker;
 pub mod codec;
+pub mod config;
+pub mod service;
+pub mod store;

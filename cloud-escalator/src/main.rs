@@ -1,5 +1,7 @@
 //! `cloud-escalator`: the cloud side of Cascade. A thin shell over the `cloud_escalator` library.
 
+mod demo;
+
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,6 +27,47 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the whole system on this machine: the embedded broker, the escalator and several edge
+    /// agents; stream the bundled held-out set through them and print what happened.
+    ///
+    /// Run from the repository root (the default paths point into models/).
+    Demo {
+        /// Edge agents to start.
+        #[arg(long, default_value_t = 4)]
+        agents: usize,
+        /// Escalate inputs whose max-probability is under this.
+        #[arg(long, default_value_t = 0.9)]
+        threshold: f32,
+        /// What escalations carry: raw, redacted or embedding.
+        #[arg(long, default_value = "raw")]
+        privacy: String,
+        /// Passes over the held-out set.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+        /// Edge model.
+        #[arg(long, default_value = "models/digits-edge.int8.tflite")]
+        edge_model: PathBuf,
+        /// Cloud model.
+        #[arg(long, default_value = "models/digits-cloud.onnx")]
+        cloud_model: PathBuf,
+        /// Tail model for embedding escalations.
+        #[arg(long, default_value = "models/digits-tail.onnx")]
+        tail_model: PathBuf,
+        /// Labelled data: inputs.npy and labels.npy.
+        #[arg(long, default_value = "models/data/digits-test")]
+        data: PathBuf,
+    },
+    /// Run the escalation service (and the embedded broker unless broker.url is set) until
+    /// SIGTERM or Ctrl-C. See docs/mqtt.md and docs/escalator.md. Exit status 64: invalid
+    /// configuration.
+    Serve {
+        /// Configuration file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// The hard-example store: statistics and export for retraining.
+    #[command(subcommand)]
+    Examples(ExamplesCommand),
     /// Read and write Cascade messages: postcard wire format ⇄ integration JSON.
     ///
     /// For connecting other MQTT systems to a fleet: decode a payload captured with
@@ -32,6 +75,32 @@ enum Command {
     /// The formats are described in docs/protocol.md.
     #[command(subcommand)]
     Codec(CodecCommand),
+}
+
+#[derive(Subcommand)]
+enum ExamplesCommand {
+    /// Edge/cloud agreement per device and model.
+    Stats {
+        /// The store (SQLite file).
+        #[arg(long)]
+        store: PathBuf,
+    },
+    /// Write one edge model's examples as DIR/inputs.npy and DIR/labels.npy (the cloud's
+    /// answers), the layout `edge-agent eval --data` reads.
+    Export {
+        /// The store (SQLite file).
+        #[arg(long)]
+        store: PathBuf,
+        /// Edge model name.
+        #[arg(long)]
+        model: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Only examples where the cloud disagreed with the edge.
+        #[arg(long)]
+        disagreements_only: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -117,13 +186,128 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Codec(CodecCommand::Topic { topic }) => {
             writeln!(out, "{}", codec::explain_topic(&topic)?)?;
         }
+        Command::Examples(ExamplesCommand::Stats { store }) => {
+            let store = cloud_escalator::store::Store::open(&store)?;
+            writeln!(
+                out,
+                "{:<34} {:<20} {:>11} {:>10}",
+                "device", "model", "escalations", "agreement"
+            )?;
+            for a in store.agreement()? {
+                let rate = a.agreements as f64 / a.escalations.max(1) as f64 * 100.0;
+                writeln!(
+                    out,
+                    "{:<34} {:<20} {:>11} {:>9.1}%",
+                    a.device, a.model, a.escalations, rate
+                )?;
+            }
+        }
+        Command::Examples(ExamplesCommand::Export {
+            store,
+            model,
+            out: dir,
+            disagreements_only,
+        }) => {
+            let store = cloud_escalator::store::Store::open(&store)?;
+            let n = store.export(&model, &dir, disagreements_only)?;
+            writeln!(out, "{n} examples written to {}", dir.display())?;
+        }
+        Command::Demo { .. } | Command::Serve { .. } => unreachable!("handled in main"),
     }
     out.flush()?;
     Ok(())
 }
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+async fn serve(config: cloud_escalator::config::EscalatorConfig) -> anyhow::Result<()> {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let handle = cloud_escalator::service::start(config, shutdown.clone()).await?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
+        _ = terminate.recv() => tracing::info!("terminated"),
+    }
+    if !handle.stop(std::time::Duration::from_secs(10)).await {
+        tracing::warn!("some tasks did not stop within 10 s");
+    }
+    Ok(())
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            #[allow(clippy::print_stderr)] // the one place a CLI reports its failure
+            {
+                eprintln!("error: {err:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // rumqttd logs every client disconnect as an error; keep it quiet unless asked.
+    let level = match cli.command {
+        Command::Serve { .. } => "info,rumqttd=off",
+        _ => "warn,rumqttd=off",
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+        )
+        .init();
+    match cli.command {
+        Command::Serve { config } => {
+            let config = match cloud_escalator::config::EscalatorConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    #[allow(clippy::print_stderr)]
+                    {
+                        eprintln!("error: {e}");
+                    }
+                    return ExitCode::from(64);
+                }
+            };
+            return report(runtime().and_then(|rt| rt.block_on(serve(config))));
+        }
+        Command::Demo {
+            agents,
+            threshold,
+            privacy,
+            rounds,
+            edge_model,
+            cloud_model,
+            tail_model,
+            data,
+        } => {
+            let options = demo::DemoOptions {
+                agents,
+                threshold,
+                privacy,
+                edge_model,
+                cloud_model,
+                tail_model,
+                data,
+                rounds,
+            };
+            return report(runtime().and_then(|rt| {
+                rt.block_on(async {
+                    let mut stdout = std::io::stdout();
+                    demo::run(options, &mut stdout).await.map(|_| ())
+                })
+            }));
+        }
+        _ => {}
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -1,18 +1,40 @@
 //! The Cascade edge agent, as a library the `edge-agent` binary and tests drive.
 //!
 //! The agent runs a model on the device, answers what it is sure of, and escalates the rest to the
-//! cloud escalator over MQTT. This crate grows into that daemon; today it holds the sensor link
-//! decoder and the model tools.
+//! cloud escalator over MQTT, durably. `edge-agent run` is [`agent::start`] over a config file;
+//! the model tools (`infer`, `bench`, `eval`) share the engine.
 //!
 //! # Module map
 //!
-//! - [`sensor`]: decodes the firmware → agent frame stream (cascade-proto frames) into owned
-//!   readings, counting dropped and lost frames.
+//! The daemon:
+//! - [`config`]: the TOML configuration, with defaults and validation.
+//! - [`agent`]: starts the tasks below and owns their shutdown.
+//! - [`sources`]: inputs from a watched directory, stdin JSON lines, a local MQTT topic.
+//! - [`input`]: input items, JSON inputs, and the results the agent publishes.
+//! - [`policy`]: which inputs are escalated (confidence, class thresholds, budget, audits). Pure.
+//! - [`privacy`]: what an escalation may carry (raw, redacted, embedding). Pure.
+//! - [`spool`]: the durable store-and-forward queue of escalations.
+//! - [`link`]: the MQTT connection to the fleet broker (escalations out; verdicts, policy in).
+//! - [`connection`]: MQTT and TLS settings shared by every client.
+//! - [`stats`]: counters and telemetry windows.
+//! - [`sensor`]: decodes the firmware → agent frame stream into readings.
+//!
+//! The tools:
 //! - [`infer_files`]: `edge-agent infer`, one inference on `.npy` (or image) files.
 //! - [`bench`]: `edge-agent bench`, latency percentiles, throughput and peak memory.
 //! - [`eval`]: `edge-agent eval`, accuracy and the confidence curve on a labelled set.
 
+pub mod agent;
 pub mod bench;
+pub mod config;
+pub mod connection;
 pub mod eval;
 pub mod infer_files;
+pub mod input;
+pub mod link;
+pub mod policy;
+pub mod privacy;
 pub mod sensor;
+pub mod sources;
+pub mod spool;
+pub mod stats;

@@ -8,9 +8,11 @@ use anyhow::Context;
 use cascade_infer::{BackendChoice, LoadOptions, Metric};
 use clap::{Args, Parser, Subcommand};
 use edge_agent::bench::{BenchOptions, bench};
+use edge_agent::config::{AgentConfig, ConfigError};
 use edge_agent::eval::{EvalOptions, evaluate};
 use edge_agent::infer_files::{InferRequest, infer};
 use edge_agent::sensor::SensorStream;
+use tokio_util::sync::CancellationToken;
 
 /// The Cascade edge agent.
 ///
@@ -25,6 +27,24 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the agent: classify inputs from the configured sources, escalate the uncertain ones to
+    /// the cloud over MQTT, apply verdicts and policy updates. Stops cleanly on SIGTERM or Ctrl-C.
+    ///
+    /// The configuration is described in docs/agent.md. Exit status 64: invalid configuration.
+    Run {
+        /// Configuration file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// Override the device id.
+        #[arg(long, env = "CASCADE_DEVICE")]
+        device: Option<String>,
+        /// Override the broker, mqtt://host:port or mqtts://host:port.
+        #[arg(long, env = "CASCADE_BROKER")]
+        broker: Option<String>,
+        /// Override the state directory (spool, processed inputs).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
     /// Run a model once on input files and write its outputs as .npy.
     ///
     /// Tensors are .npy in C order with the model's exact element type and shape (int8 in and out
@@ -234,19 +254,102 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Frames(FramesCommand::Decode { input }) => decode_frames(input)?,
+        Command::Run { .. } => unreachable!("handled in main"),
+    }
+    Ok(())
+}
+
+/// Loads the configuration and applies command-line overrides; `Err` is a usage error (exit 64).
+fn agent_config(
+    config: &std::path::Path,
+    device: Option<String>,
+    broker: Option<String>,
+    state_dir: Option<PathBuf>,
+) -> Result<AgentConfig, ConfigError> {
+    let mut c = AgentConfig::load(config)?;
+    if let Some(d) = device {
+        c.device = d;
+    }
+    if let Some(b) = broker {
+        c.mqtt.url = b;
+    }
+    if let Some(s) = state_dir {
+        c.state_dir = s;
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let handle = edge_agent::agent::start(config, shutdown.clone()).await?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
+        _ = terminate.recv() => tracing::info!("terminated"),
+    }
+    if !handle.stop(std::time::Duration::from_secs(10)).await {
+        tracing::warn!("some tasks did not stop within 10 s");
     }
     Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let default_level = if matches!(cli.command, Command::Run { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .init();
+    if let Command::Run {
+        config,
+        device,
+        broker,
+        state_dir,
+    } = cli.command
+    {
+        let config = match agent_config(&config, device, broker, state_dir) {
+            Ok(c) => c,
+            Err(e) => {
+                #[allow(clippy::print_stderr)]
+                // configuration errors are reported before logging matters
+                {
+                    eprintln!("error: {e}");
+                }
+                return ExitCode::from(64);
+            }
+        };
+        let runtime = match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(r) => r,
+            Err(e) => {
+                #[allow(clippy::print_stderr)]
+                {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                }
+                return ExitCode::FAILURE;
+            }
+        };
+        return match runtime.block_on(run_agent(config)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                #[allow(clippy::print_stderr)]
+                {
+                    eprintln!("error: {e:#}");
+                }
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -15,6 +15,7 @@
 //! - [`evaluation`]: accuracy and the confidence curve (escalation rate vs. accuracy).
 //! - [`metadata`]: the model metadata sidecar (labels, input spec, which output is what).
 //! - [`image`]: PNG/JPEG inputs preprocessed as a sidecar says.
+//! - [`wire`]: tensors to and from the protocol's wire form (`cascade_proto::escalation::Tensor`).
 //! - `onnx` *(private)*: ONNX on tract-onnx, with shape specialization, `If` folding and a relaxed
 //!   retry.
 //! - `tflite` *(private)*: TFLite on tract through Cascade's own frontend (QUANTIZE, DEQUANTIZE,
@@ -29,6 +30,7 @@ pub mod image;
 pub mod metadata;
 pub mod model;
 pub mod tensor;
+pub mod wire;
 
 mod onnx;
 mod tflite;

@@ -67,6 +67,57 @@ pub struct Policy {
     pub target: TargetSelector,
 }
 
+/// The token bucket a [`Budget`] describes: `burst` tokens, refilled at `per_minute` per minute.
+///
+/// Time is passed in (milliseconds on any monotonic clock), so the bucket is pure and testable.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenBucket {
+    capacity: f64,
+    per_ms: f64,
+    tokens: f64,
+    last_ms: u64,
+}
+
+impl TokenBucket {
+    /// A full bucket at `now_ms`. A zero burst with a non-zero rate holds one token.
+    pub fn new(per_minute: u32, burst: u32, now_ms: u64) -> Self {
+        let capacity = if per_minute == 0 {
+            0.0
+        } else {
+            f64::from(burst.max(1))
+        };
+        TokenBucket {
+            capacity,
+            per_ms: f64::from(per_minute) / 60_000.0,
+            tokens: capacity,
+            last_ms: now_ms,
+        }
+    }
+
+    fn refill(&mut self, now_ms: u64) {
+        let elapsed = now_ms.saturating_sub(self.last_ms) as f64;
+        self.tokens = (self.tokens + elapsed * self.per_ms).min(self.capacity);
+        self.last_ms = self.last_ms.max(now_ms);
+    }
+
+    /// Takes a token if one is available at `now_ms`.
+    pub fn try_take(&mut self, now_ms: u64) -> bool {
+        self.refill(now_ms);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whole tokens available at `now_ms`.
+    pub fn available(&mut self, now_ms: u64) -> u32 {
+        self.refill(now_ms);
+        self.tokens as u32
+    }
+}
+
 impl Signable for Policy {
     const DOMAIN: &'static str = "cascade/v1/policy";
 }
@@ -85,5 +136,34 @@ impl Policy {
             check_range("policy.class_thresholds.threshold", ct.threshold, 0.0, 1.0)?;
         }
         self.target.validate("policy.target")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_allows_a_burst_then_the_rate() {
+        let mut b = TokenBucket::new(60, 3, 0);
+        assert!(b.try_take(0) && b.try_take(0) && b.try_take(0));
+        assert!(!b.try_take(0), "burst spent");
+        assert!(!b.try_take(999), "one per second: not yet");
+        assert!(b.try_take(1000));
+        assert_eq!(b.available(10_000), 3, "refills up to the burst only");
+    }
+
+    #[test]
+    fn zero_rate_never_allows() {
+        let mut b = TokenBucket::new(0, 10, 0);
+        assert!(!b.try_take(0) && !b.try_take(1_000_000));
+    }
+
+    #[test]
+    fn time_going_backwards_does_not_refill() {
+        let mut b = TokenBucket::new(60, 1, 5_000);
+        assert!(b.try_take(5_000));
+        assert!(!b.try_take(1_000));
+        assert!(!b.try_take(5_500));
     }
 }

@@ -1,0 +1,242 @@
+//! Input sources. Each is one task feeding the agent's bounded input channel; a bad input is
+//! logged and counted, never fatal.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cascade_infer::image::{is_image_path, load_image};
+use cascade_infer::metadata::Metadata;
+use cascade_infer::{ModelInfo, Tensor};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::{AsyncClient, Event};
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{DirectorySource, LocalMqttSource, broker_address};
+use crate::connection::{Backoff, mqtt_options};
+use crate::input::{InputItem, ResultEvent, parse_json};
+use crate::stats::{Stats, bump};
+
+/// What every source needs to turn bytes into model inputs.
+#[derive(Debug, Clone)]
+pub struct SourceContext {
+    /// The model's inputs.
+    pub model: Arc<ModelInfo>,
+    /// The model's sidecar (image preprocessing).
+    pub metadata: Option<Arc<Metadata>>,
+    /// Where items go.
+    pub inputs: mpsc::Sender<InputItem>,
+    /// Counters (errors).
+    pub stats: Arc<Stats>,
+}
+
+/// Reads JSON inputs from standard input until EOF or shutdown.
+pub async fn stdin(ctx: SourceContext, shutdown: CancellationToken) {
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut n = 0u64;
+    loop {
+        let line = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            line = lines.next_line() => line,
+        };
+        match line {
+            Ok(Some(line)) if line.trim().is_empty() => {}
+            Ok(Some(line)) => {
+                n += 1;
+                match parse_json(line.as_bytes(), &ctx.model, || format!("stdin-{n}")) {
+                    Ok(item) => {
+                        if ctx.inputs.send(item).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        bump(&ctx.stats.errors);
+                        tracing::warn!(line = n, error = %e, "stdin input ignored");
+                    }
+                }
+            }
+            Ok(None) => {
+                tracing::info!(lines = n, "standard input closed");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read standard input");
+                return;
+            }
+        }
+    }
+}
+
+/// Reads one file as the model's single input.
+fn read_file(path: &Path, ctx: &SourceContext) -> Result<Tensor, String> {
+    if is_image_path(path) {
+        let meta = ctx
+            .metadata
+            .as_ref()
+            .ok_or("image inputs need the model's sidecar")?;
+        let input = meta
+            .inputs
+            .first()
+            .ok_or("the sidecar describes no input")?;
+        load_image(path, input).map_err(|e| e.to_string())
+    } else {
+        Tensor::read_npy(path).map_err(|e| e.to_string())
+    }
+}
+
+fn move_into(path: &Path, dir: &Path) {
+    let Some(name) = path.file_name() else { return };
+    if let Err(e) =
+        std::fs::create_dir_all(dir).and_then(|()| std::fs::rename(path, dir.join(name)))
+    {
+        tracing::warn!(file = %path.display(), error = %e, "cannot move the input file");
+    }
+}
+
+/// Watches a directory for new `.npy`, `.png` and `.jpg` files. Each is queued, then moved to
+/// `processed/` (or `failed/` if unreadable), so a restart does not process it again.
+pub async fn directory(config: DirectorySource, ctx: SourceContext, shutdown: CancellationToken) {
+    let processed = config.path.join("processed");
+    let failed = config.path.join("failed");
+    let mut interval = tokio::time::interval(Duration::from_millis(config.poll_ms.max(10)));
+    let mut seen: HashSet<PathBuf> = HashSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let Ok(entries) = std::fs::read_dir(&config.path) else {
+            tracing::warn!(dir = %config.path.display(), "input directory unreadable");
+            continue;
+        };
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .filter(|p| {
+                let ext = p
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .map(str::to_ascii_lowercase);
+                matches!(ext.as_deref(), Some("npy" | "png" | "jpg" | "jpeg"))
+            })
+            .filter(|p| !seen.contains(p))
+            .collect();
+        files.sort();
+        for path in files {
+            seen.insert(path.clone());
+            let id = path
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+            let tensor = read_file(&path, &ctx).and_then(|t| {
+                ctx.model
+                    .check_inputs(std::slice::from_ref(&t))
+                    .map(|()| t)
+                    .map_err(|e| e.to_string())
+            });
+            match tensor {
+                Ok(tensor) => {
+                    let item = InputItem {
+                        id,
+                        inputs: vec![tensor],
+                        fields: Default::default(),
+                        reply: None,
+                        received: Instant::now(),
+                    };
+                    if ctx.inputs.send(item).await.is_err() {
+                        return;
+                    }
+                    move_into(&path, &processed);
+                }
+                Err(e) => {
+                    bump(&ctx.stats.errors);
+                    tracing::warn!(file = %path.display(), error = %e, "input file rejected; moved to failed/");
+                    move_into(&path, &failed);
+                }
+            }
+            seen.remove(&path);
+        }
+    }
+}
+
+/// Takes JSON inputs from a topic on a local broker and publishes their results (edge answers and
+/// later cloud verdicts) on the result topic.
+pub async fn local_mqtt(
+    config: LocalMqttSource,
+    client_id: String,
+    ctx: SourceContext,
+    shutdown: CancellationToken,
+) {
+    let (host, port, _) = match broker_address(&config.url) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "local MQTT source disabled");
+            return;
+        }
+    };
+    let options = mqtt_options(
+        &client_id,
+        &host,
+        port,
+        Duration::from_secs(30),
+        None,
+        1 << 20,
+    );
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    let (reply_tx, mut reply_rx) = mpsc::channel::<ResultEvent>(256);
+    let mut backoff = Backoff::default();
+    let mut n = 0u64;
+    let mut first_session = true;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = client.try_disconnect();
+                return;
+            }
+            Some(result) = reply_rx.recv() => {
+                if let Ok(json) = serde_json::to_vec(&result)
+                    && client.try_publish(config.result_topic.clone(), QoS::AtLeastOnce, false, json).is_err()
+                {
+                    tracing::warn!("local result dropped: client queue full");
+                }
+            }
+            event = eventloop.poll() => match event {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    backoff.reset();
+                    if first_session || !ack.session_present {
+                        let _ = client.try_subscribe(config.topic.clone(), QoS::AtLeastOnce);
+                    }
+                    first_session = false;
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    n += 1;
+                    match parse_json(&p.payload, &ctx.model, || format!("mqtt-{n}")) {
+                        Ok(mut item) => {
+                            item.reply = Some(reply_tx.clone());
+                            if ctx.inputs.send(item).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            bump(&ctx.stats.errors);
+                            tracing::warn!(error = %e, "local MQTT input ignored");
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, "local broker connection lost");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+}
