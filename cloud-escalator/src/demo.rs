@@ -227,13 +227,8 @@ pub async fn run(options: DemoOptions, out: &mut (dyn Write + Send)) -> anyhow::
                 .index_axis(Axis(0), n % feeder_rows.shape()[0])
                 .to_owned()
                 .insert_axis(Axis(0));
-            let item = InputItem {
-                id: n.to_string(),
-                inputs: vec![Tensor::F32(row.into_dyn())],
-                fields: [("user".to_string(), format!("operator-{}", n % 7))].into(),
-                reply: None,
-                received: Instant::now(),
-            };
+            let mut item = InputItem::new(n.to_string(), vec![Tensor::F32(row.into_dyn())]);
+            item.fields = [("user".to_string(), format!("operator-{}", n % 7))].into();
             if senders[n % senders.len()].send(item).await.is_err() {
                 return;
             }

@@ -35,7 +35,7 @@ use uuid::Uuid;
 
 use crate::config::{AgentConfig, ConfigError, parse_key};
 use crate::connection::{TlsError, mqtt_options, tls_config};
-use crate::input::{InputItem, ResultEvent, Stage};
+use crate::input::{InputItem, ResultEvent, Stage, settle};
 use crate::link::{LinkCommand, LinkOutputs, LinkSettings};
 use crate::policy::{Decision, PolicyState, metric};
 use crate::privacy::{RedactionSettings, prepare};
@@ -468,7 +468,7 @@ impl Decider {
 
     async fn decide(&mut self, inferred: Inferred) {
         let Inferred {
-            item,
+            mut item,
             outputs,
             inference,
         } = inferred;
@@ -481,6 +481,7 @@ impl Decider {
                 let mut event = ResultEvent::new(item.id.clone(), Stage::Error);
                 event.detail = Some(e.to_string());
                 self.emit(event, item.reply.clone()).await;
+                settle(item.settled.take());
                 return;
             }
         };
@@ -527,11 +528,15 @@ impl Decider {
         };
         let embedding = self.embedding.and_then(|i| outputs.get(i).cloned());
         match decision {
-            Decision::Keep => self.emit(event, item.reply.clone()).await,
+            Decision::Keep => {
+                self.emit(event, item.reply.clone()).await;
+                settle(item.settled.take());
+            }
             Decision::Overflow => {
                 bump(&self.stats.overflows);
                 event.rule = Some("overflow".into());
                 self.emit(event, item.reply.clone()).await;
+                settle(item.settled.take());
             }
             Decision::Hold(rule) => {
                 event.rule = Some("held".into());
@@ -573,13 +578,15 @@ impl Decider {
     async fn send_escalation(
         &mut self,
         id: Uuid,
-        item: InputItem,
+        mut item: InputItem,
         embedding: Option<Tensor>,
         rule: PolicyRule,
         edge: EdgeResult,
     ) {
         let privacy = self.policy.policy().privacy;
+        let settled = item.settled.take();
         let Some(input) = item.inputs.first() else {
+            settle(settled);
             return;
         };
         let (device, payload) = match prepare(
@@ -594,6 +601,7 @@ impl Decider {
             Err(e) => {
                 bump(&self.stats.errors);
                 tracing::warn!(input = %item.id, error = %e, "cannot prepare the escalation; the edge answer stands");
+                settle(settled);
                 return;
             }
         };
@@ -621,7 +629,12 @@ impl Decider {
         };
         if self
             .link
-            .send(LinkCommand::Escalate { id, header, bytes })
+            .send(LinkCommand::Escalate {
+                id,
+                header,
+                bytes,
+                settled,
+            })
             .await
             .is_err()
         {

@@ -22,6 +22,34 @@ pub struct InputItem {
     pub reply: Option<mpsc::Sender<ResultEvent>>,
     /// When it arrived.
     pub received: Instant,
+    /// Signalled once the input's fate is durable: its edge result published, and its escalation
+    /// (if any) written to the spool. A source that must not lose inputs (the watched directory)
+    /// keeps the input until then; dropped unsignalled, the input was not settled (shutdown).
+    pub settled: Option<Settled>,
+}
+
+impl InputItem {
+    /// An input arriving now, with no metadata, reply or settlement signal.
+    pub fn new(id: impl Into<String>, inputs: Vec<Tensor>) -> Self {
+        InputItem {
+            id: id.into(),
+            inputs,
+            fields: BTreeMap::new(),
+            reply: None,
+            received: Instant::now(),
+            settled: None,
+        }
+    }
+}
+
+/// The signal of [`InputItem::settled`].
+pub type Settled = tokio::sync::oneshot::Sender<()>;
+
+/// Signals `settled`, if anyone waits for it.
+pub fn settle(settled: Option<Settled>) {
+    if let Some(s) = settled {
+        let _ = s.send(());
+    }
 }
 
 /// Which answer a result carries.
@@ -221,13 +249,9 @@ pub fn parse_json(
             vec![tensor_for(&model.inputs[0], &flat).map_err(|e| e.to_string())?]
         }
     };
-    Ok(InputItem {
-        id: parsed.id.unwrap_or_else(fallback_id),
-        inputs,
-        fields: parsed.fields,
-        reply: None,
-        received: Instant::now(),
-    })
+    let mut item = InputItem::new(parsed.id.unwrap_or_else(fallback_id), inputs);
+    item.fields = parsed.fields;
+    Ok(item)
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::connection::Backoff;
-use crate::input::{ResultEvent, Stage};
+use crate::input::{ResultEvent, Settled, Stage, settle};
 use crate::spool::{DropReason, Dropped, Header, Spool};
 use crate::stats::{Stats, bump, now_ms};
 
@@ -38,6 +38,8 @@ pub enum LinkCommand {
         header: Header,
         /// The encoded message.
         bytes: Vec<u8>,
+        /// Signalled once the escalation is in the spool.
+        settled: Option<Settled>,
     },
     /// Any other message on one of this device's channels.
     Publish {
@@ -164,9 +166,17 @@ impl Link {
 
     async fn command(&mut self, command: LinkCommand) {
         match command {
-            LinkCommand::Escalate { id, header, bytes } => {
+            LinkCommand::Escalate {
+                id,
+                header,
+                bytes,
+                settled,
+            } => {
                 match self.spool.push(id, header, &bytes) {
-                    Ok(dropped) => self.report_dropped(dropped).await,
+                    Ok(dropped) => {
+                        settle(settled);
+                        self.report_dropped(dropped).await;
+                    }
                     Err(e) => {
                         // Not durable, but still worth sending: count it and go on.
                         bump(&self.stats.errors);

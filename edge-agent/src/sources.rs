@@ -1,10 +1,9 @@
 //! Input sources. Each is one task feeding the agent's bounded input channel; a bad input is
 //! logged and counted, never fatal.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cascade_infer::image::{is_image_path, load_image};
 use cascade_infer::metadata::Metadata;
@@ -88,47 +87,67 @@ fn read_file(path: &Path, ctx: &SourceContext) -> Result<Tensor, String> {
     }
 }
 
-fn move_into(path: &Path, dir: &Path) {
-    let Some(name) = path.file_name() else { return };
-    if let Err(e) =
-        std::fs::create_dir_all(dir).and_then(|()| std::fs::rename(path, dir.join(name)))
-    {
-        tracing::warn!(file = %path.display(), error = %e, "cannot move the input file");
+fn move_into(path: &Path, dir: &Path) -> Option<PathBuf> {
+    let name = path.file_name()?;
+    let target = dir.join(name);
+    match std::fs::create_dir_all(dir).and_then(|()| std::fs::rename(path, &target)) {
+        Ok(()) => Some(target),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cannot move the input file");
+            None
+        }
     }
 }
 
-/// Watches a directory for new `.npy`, `.png` and `.jpg` files. Each is queued, then moved to
-/// `processed/` (or `failed/` if unreadable), so a restart does not process it again.
+fn is_input_file(path: &Path) -> bool {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    path.is_file() && matches!(ext.as_deref(), Some("npy" | "png" | "jpg" | "jpeg"))
+}
+
+fn input_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| is_input_file(p))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Watches a directory for new `.npy`, `.png` and `.jpg` files.
+///
+/// A new file moves to `processing/` when taken, to `processed/` once its result is published
+/// and its escalation (if any) is in the spool, or to `failed/` if it cannot be read. Files still
+/// in `processing/` when the agent stops or crashes are processed again at the next start: an
+/// input is never lost, and is processed twice only if the agent died while it was in flight.
 pub async fn directory(config: DirectorySource, ctx: SourceContext, shutdown: CancellationToken) {
+    let processing = config.path.join("processing");
     let processed = config.path.join("processed");
     let failed = config.path.join("failed");
     let mut interval = tokio::time::interval(Duration::from_millis(config.poll_ms.max(10)));
-    let mut seen: HashSet<PathBuf> = HashSet::new();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = interval.tick() => {}
+    // One waiter per input in flight; dropping the set (shutdown) leaves those in processing/.
+    let mut in_flight: tokio::task::JoinSet<(PathBuf, bool)> = tokio::task::JoinSet::new();
+    let mut taken = match input_files(&processing) {
+        Ok(files) => {
+            if !files.is_empty() {
+                tracing::info!(
+                    count = files.len(),
+                    "resuming inputs interrupted by the last stop"
+                );
+            }
+            files
         }
-        let Ok(entries) = std::fs::read_dir(&config.path) else {
-            tracing::warn!(dir = %config.path.display(), "input directory unreadable");
-            continue;
-        };
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.is_file())
-            .filter(|p| {
-                let ext = p
-                    .extension()
-                    .and_then(|e| e.to_str())
-                    .map(str::to_ascii_lowercase);
-                matches!(ext.as_deref(), Some("npy" | "png" | "jpg" | "jpeg"))
-            })
-            .filter(|p| !seen.contains(p))
-            .collect();
-        files.sort();
-        for path in files {
-            seen.insert(path.clone());
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            tracing::warn!(dir = %processing.display(), error = %e, "cannot list interrupted inputs");
+            Vec::new()
+        }
+    };
+    loop {
+        for path in std::mem::take(&mut taken) {
             let id = path
                 .file_name()
                 .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
@@ -140,17 +159,14 @@ pub async fn directory(config: DirectorySource, ctx: SourceContext, shutdown: Ca
             });
             match tensor {
                 Ok(tensor) => {
-                    let item = InputItem {
-                        id,
-                        inputs: vec![tensor],
-                        fields: Default::default(),
-                        reply: None,
-                        received: Instant::now(),
-                    };
-                    if ctx.inputs.send(item).await.is_err() {
-                        return;
+                    let (settled, done) = tokio::sync::oneshot::channel();
+                    let mut item = InputItem::new(id, vec![tensor]);
+                    item.settled = Some(settled);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        sent = ctx.inputs.send(item) => if sent.is_err() { return },
                     }
-                    move_into(&path, &processed);
+                    in_flight.spawn(async move { (path, done.await.is_ok()) });
                 }
                 Err(e) => {
                     bump(&ctx.stats.errors);
@@ -158,7 +174,25 @@ pub async fn directory(config: DirectorySource, ctx: SourceContext, shutdown: Ca
                     move_into(&path, &failed);
                 }
             }
-            seen.remove(&path);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => {
+                if let Ok((path, true)) = joined {
+                    move_into(&path, &processed);
+                }
+            }
+            _ = interval.tick() => match input_files(&config.path) {
+                Ok(files) => {
+                    taken = files
+                        .iter()
+                        .filter_map(|f| move_into(f, &processing))
+                        .collect();
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %config.path.display(), error = %e, "input directory unreadable");
+                }
+            },
         }
     }
 }

@@ -12,9 +12,10 @@ const CANDIDATES: &[&str] = &["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"
 /// A Mosquitto process listening on 127.0.0.1 at a free port; killed on drop.
 #[derive(Debug)]
 pub struct Mosquitto {
-    child: Child,
+    child: Option<Child>,
     port: u16,
-    _dir: tempfile::TempDir,
+    binary: PathBuf,
+    dir: tempfile::TempDir,
 }
 
 /// Why a broker could not be started.
@@ -82,6 +83,7 @@ impl Mosquitto {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let config = dir.path().join("mosquitto.conf");
+        // No persistence: a restarted broker has lost every session, the harshest case.
         std::fs::write(
             &config,
             format!(
@@ -95,25 +97,32 @@ impl Mosquitto {
                  {extra_config}\n"
             ),
         )?;
-        let child = Command::new(binary)
+        let mut broker = Mosquitto {
+            child: None,
+            port,
+            binary: binary.to_owned(),
+            dir,
+        };
+        broker.spawn()?;
+        Ok(broker)
+    }
+
+    fn spawn(&mut self) -> io::Result<()> {
+        let child = Command::new(&self.binary)
             .arg("-c")
-            .arg(&config)
+            .arg(self.dir.path().join("mosquitto.conf"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?;
-        let mut broker = Mosquitto {
-            child,
-            port,
-            _dir: dir,
-        };
+        let child = self.child.insert(child);
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            if let Some(status) = broker.child.try_wait()? {
+            if let Some(status) = child.try_wait()? {
                 return Err(io::Error::other(format!("exited with {status}")));
             }
-            if TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok() {
-                return Ok(broker);
+            if TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_ok() {
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -121,6 +130,34 @@ impl Mosquitto {
             io::ErrorKind::TimedOut,
             "not listening after 5 s",
         ))
+    }
+
+    /// Kills the broker (like a crash: no session survives, nothing is flushed).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port, with every session lost.
+    pub fn restart(&mut self) -> Result<(), MosquittoError> {
+        self.kill();
+        // The port may linger in TIME_WAIT for a moment; retry briefly.
+        let mut last = io::Error::other("no attempt");
+        for _ in 0..50 {
+            match self.spawn() {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(MosquittoError::Start(last))
+    }
+
+    /// `mqtt://127.0.0.1:{port}`.
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
     }
 
     /// The port it listens on (127.0.0.1).
@@ -131,7 +168,6 @@ impl Mosquitto {
 
 impl Drop for Mosquitto {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
