@@ -346,6 +346,13 @@ pub async fn start(
             shutdown.clone(),
         ));
     }
+    if let Some(serial) = config.sources.serial.clone() {
+        tracker.spawn(crate::sources::serial(
+            serial,
+            ctx.clone(),
+            shutdown.clone(),
+        ));
+    }
     tracing::info!(device = %config.device, model = %loaded.model_ref, backend = info.backend, "agent started");
     Ok(AgentHandle {
         inputs: input_tx,

@@ -306,6 +306,27 @@ pub struct SourcesConfig {
     /// A topic on a local broker, for other programs on the device.
     #[serde(default)]
     pub mqtt: Option<LocalMqttSource>,
+    /// A serial port (or named pipe) carrying firmware sensor frames.
+    #[serde(default)]
+    pub serial: Option<SerialSource>,
+}
+
+/// Sensor frames from the firmware over a serial line, windowed into the model's input.
+///
+/// Samples are concatenated (channels interleaved, as the firmware sends them) and every window of
+/// as many values as the model's input holds becomes one input.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialSource {
+    /// The device, e.g. `/dev/ttyACM0`, or a named pipe.
+    pub path: PathBuf,
+    /// Baud rate for a serial port; omit for a named pipe.
+    #[serde(default)]
+    pub baud: Option<u32>,
+    /// Values from the start of one window to the start of the next; defaults to one window
+    /// (no overlap). Smaller overlaps windows, larger skips values.
+    #[serde(default)]
+    pub hop: Option<usize>,
 }
 
 /// The watched directory.
@@ -385,6 +406,14 @@ impl AgentConfig {
         }
         if self.mqtt.keep_alive_s < 5 {
             return invalid("mqtt.keep_alive_s must be at least 5".into());
+        }
+        if let Some(serial) = &self.sources.serial {
+            if serial.hop == Some(0) {
+                return invalid("sources.serial.hop must be at least 1".into());
+            }
+            if serial.baud == Some(0) {
+                return invalid("sources.serial.baud must be at least 1".into());
+            }
         }
         if self.telemetry.interval_s == 0 {
             return invalid("telemetry.interval_s must be at least 1".into());

@@ -9,7 +9,8 @@
 //! The daemon:
 //! - [`config`]: the TOML configuration, with defaults and validation.
 //! - [`agent`]: starts the tasks below and owns their shutdown.
-//! - [`sources`]: inputs from a watched directory, stdin JSON lines, a local MQTT topic.
+//! - [`sources`]: inputs from a watched directory, stdin JSON lines, a local MQTT topic, a serial
+//!   sensor link.
 //! - [`input`]: input items, JSON inputs, and the results the agent publishes.
 //! - [`policy`]: which inputs are escalated (confidence, class thresholds, budget, audits). Pure.
 //! - [`privacy`]: what an escalation may carry (raw, redacted, embedding). Pure.
@@ -17,7 +18,7 @@
 //! - [`link`]: the MQTT connection to the fleet broker (escalations out; verdicts, policy in).
 //! - [`connection`]: MQTT and TLS settings shared by every client.
 //! - [`stats`]: counters and telemetry windows.
-//! - [`sensor`]: decodes the firmware → agent frame stream into readings.
+//! - [`sensor`]: decodes the firmware → agent frame stream into readings and model-input windows.
 //!
 //! The tools:
 //! - [`infer_files`]: `edge-agent infer`, one inference on `.npy` (or image) files.

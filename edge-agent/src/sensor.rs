@@ -137,6 +137,85 @@ impl SensorStream {
     }
 }
 
+/// Cuts a stream of sample values into model-input windows.
+///
+/// Values are appended frame by frame; a gap in frame sequence numbers (a lost or corrupt frame)
+/// or a fault restarts the window, so no window mixes data from either side of a hole.
+#[derive(Debug, Clone)]
+pub struct Windower {
+    window: usize,
+    hop: usize,
+    values: std::collections::VecDeque<f32>,
+    /// Values still to skip when `hop` exceeds `window`.
+    skip: usize,
+    next_seq: Option<u32>,
+}
+
+impl Windower {
+    /// Windows of `window` values, starting every `hop` values (both at least 1).
+    pub fn new(window: usize, hop: usize) -> Self {
+        Windower {
+            window: window.max(1),
+            hop: hop.max(1),
+            values: std::collections::VecDeque::new(),
+            skip: 0,
+            next_seq: None,
+        }
+    }
+
+    /// Adds the values of frame `seq`; returns `true` if frames were missing before it (the
+    /// partial window was discarded).
+    pub fn push(&mut self, seq: u32, values: &[f32]) -> bool {
+        let gap = self.advance(seq);
+        for &v in values {
+            if self.skip > 0 {
+                self.skip -= 1;
+            } else {
+                self.values.push_back(v);
+            }
+        }
+        gap
+    }
+
+    /// Frame `seq` carried no samples (a fault): the window restarts after it.
+    pub fn interrupt(&mut self, seq: u32) {
+        self.advance(seq);
+        self.restart();
+    }
+
+    /// Forgets the partial window and the sequence (a new link or a firmware restart).
+    pub fn reset(&mut self) {
+        self.restart();
+        self.next_seq = None;
+    }
+
+    fn restart(&mut self) {
+        self.values.clear();
+        self.skip = 0;
+    }
+
+    fn advance(&mut self, seq: u32) -> bool {
+        let gap = self.next_seq.is_some_and(|expected| expected != seq);
+        if gap {
+            self.restart();
+        }
+        self.next_seq = Some(seq.wrapping_add(1));
+        gap
+    }
+
+    /// The next complete window, if one is buffered.
+    pub fn next_window(&mut self) -> Option<Vec<f32>> {
+        if self.values.len() < self.window {
+            return None;
+        }
+        let window: Vec<f32> = self.values.iter().take(self.window).copied().collect();
+        let drop = self.hop.min(self.values.len());
+        self.values.drain(..drop);
+        self.skip = self.hop - drop;
+        Some(window)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,6 +256,38 @@ mod tests {
         assert_eq!(*seq, 3);
         assert_eq!(values, &[1.0, -1.0, 0.5]);
         assert_eq!(stream.stats().frames, 3);
+    }
+
+    #[test]
+    fn windows_overlap_skip_and_restart_at_gaps() {
+        let mut w = Windower::new(4, 2);
+        assert!(!w.push(0, &[0.0, 1.0, 2.0]));
+        assert_eq!(w.next_window(), None);
+        assert!(!w.push(1, &[3.0, 4.0, 5.0]));
+        assert_eq!(w.next_window(), Some(vec![0.0, 1.0, 2.0, 3.0]));
+        assert_eq!(w.next_window(), Some(vec![2.0, 3.0, 4.0, 5.0]));
+        assert_eq!(w.next_window(), None);
+        // Frame 2 is missing: the partial window [4, 5] is not joined to frame 3's values.
+        assert!(w.push(3, &[10.0, 11.0, 12.0]));
+        assert_eq!(w.next_window(), None);
+        assert!(!w.push(4, &[13.0]));
+        assert_eq!(w.next_window(), Some(vec![10.0, 11.0, 12.0, 13.0]));
+
+        let mut skipping = Windower::new(2, 5);
+        skipping.push(0, &[0.0, 1.0, 2.0]);
+        assert_eq!(skipping.next_window(), Some(vec![0.0, 1.0]));
+        skipping.push(1, &[3.0, 4.0, 5.0, 6.0]);
+        assert_eq!(
+            skipping.next_window(),
+            Some(vec![5.0, 6.0]),
+            "3 and 4 skipped"
+        );
+
+        let mut faulty = Windower::new(2, 2);
+        faulty.push(0, &[1.0]);
+        faulty.interrupt(1);
+        assert!(!faulty.push(2, &[2.0]), "a fault is not a gap");
+        assert_eq!(faulty.next_window(), None, "but the window restarted");
     }
 
     #[test]

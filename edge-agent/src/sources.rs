@@ -15,9 +15,10 @@ use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{DirectorySource, LocalMqttSource, broker_address};
+use crate::config::{DirectorySource, LocalMqttSource, SerialSource, broker_address};
 use crate::connection::{Backoff, mqtt_options};
-use crate::input::{InputItem, ResultEvent, parse_json};
+use crate::input::{InputItem, ResultEvent, parse_json, tensor_for};
+use crate::sensor::{SensorEvent, SensorStream, Windower};
 use crate::stats::{Stats, bump};
 
 /// What every source needs to turn bytes into model inputs.
@@ -271,6 +272,131 @@ pub async fn local_mqtt(
                     }
                 }
             }
+        }
+    }
+}
+
+/// Opens the sensor link: a serial port at `baud`, or (without a baud rate) a named pipe.
+fn open_serial(
+    config: &SerialSource,
+) -> std::io::Result<Box<dyn tokio::io::AsyncRead + Unpin + Send>> {
+    match config.baud {
+        Some(baud) => {
+            let port = tokio_serial::SerialStream::open(&tokio_serial::new(
+                config.path.to_string_lossy(),
+                baud,
+            ))?;
+            Ok(Box::new(port))
+        }
+        None => {
+            let file = std::fs::File::open(&config.path)?;
+            Ok(Box::new(tokio::fs::File::from_std(file)))
+        }
+    }
+}
+
+/// Reads firmware sensor frames from a serial port and feeds every full window of samples to the
+/// model. Garbage and corrupt frames are dropped and counted (the decoder resynchronises at the
+/// next frame); a lost link is reopened with backoff.
+pub async fn serial(config: SerialSource, ctx: SourceContext, shutdown: CancellationToken) {
+    let [spec] = ctx.model.inputs.as_slice() else {
+        tracing::error!(
+            inputs = ctx.model.inputs.len(),
+            "the serial source needs a model with one input; source disabled"
+        );
+        return;
+    };
+    let window: usize = spec
+        .shape
+        .iter()
+        .map(|d| match d {
+            cascade_infer::Dim::Fixed(n) => *n,
+            cascade_infer::Dim::Symbolic(_) => 1,
+        })
+        .product();
+    let mut windows = Windower::new(window, config.hop.unwrap_or(window));
+    let mut backoff = Backoff::default();
+    let mut n = 0u64;
+    let mut buf = vec![0u8; 4096];
+    let mut events = Vec::new();
+    loop {
+        match open_serial(&config) {
+            Ok(mut link) => {
+                tracing::info!(path = %config.path.display(), window, "sensor link open");
+                backoff.reset();
+                windows.reset();
+                let mut stream = SensorStream::new();
+                loop {
+                    let read = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        read = tokio::io::AsyncReadExt::read(&mut link, &mut buf) => read,
+                    };
+                    let len = match read {
+                        Ok(0) => {
+                            tracing::warn!(path = %config.path.display(), "sensor link closed; reopening");
+                            break;
+                        }
+                        Ok(len) => len,
+                        Err(e) => {
+                            tracing::warn!(path = %config.path.display(), error = %e, "sensor link failed; reopening");
+                            break;
+                        }
+                    };
+                    stream.push(&buf[..len], &mut events);
+                    for event in events.drain(..) {
+                        match event {
+                            SensorEvent::Samples { seq, values, .. } => {
+                                if windows.push(seq, &values) {
+                                    bump(&ctx.stats.bad_frames);
+                                    tracing::warn!(seq, "sensor frames lost; window restarted");
+                                }
+                            }
+                            SensorEvent::Dropped { reason } => {
+                                bump(&ctx.stats.bad_frames);
+                                tracing::warn!(%reason, "corrupt sensor frame dropped");
+                            }
+                            SensorEvent::Fault { seq, code, .. } => {
+                                windows.interrupt(seq);
+                                tracing::warn!(seq, code, "the firmware reports a sensor fault");
+                            }
+                            SensorEvent::Hello {
+                                firmware,
+                                sensor,
+                                rate_hz,
+                                channels,
+                                ..
+                            } => {
+                                windows.reset();
+                                tracing::info!(%firmware, %sensor, rate_hz, channels, "sensor announced");
+                            }
+                        }
+                        while let Some(values) = windows.next_window() {
+                            n += 1;
+                            let values: Vec<f64> = values.into_iter().map(f64::from).collect();
+                            match tensor_for(spec, &values) {
+                                Ok(t) => {
+                                    let item = InputItem::new(format!("serial-{n}"), vec![t]);
+                                    tokio::select! {
+                                        _ = shutdown.cancelled() => return,
+                                        sent = ctx.inputs.send(item) => if sent.is_err() { return },
+                                    }
+                                }
+                                Err(e) => {
+                                    bump(&ctx.stats.errors);
+                                    tracing::warn!(error = %e, "sensor window not usable as input");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(path = %config.path.display(), error = %e, "cannot open the sensor link");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
     }
 }

@@ -36,6 +36,8 @@ pub struct Stats {
     pub disconnects: AtomicU64,
     /// Messages from the broker that did not decode or verify.
     pub bad_messages: AtomicU64,
+    /// Sensor frames dropped (corrupt, too long) or lost (sequence gaps) on the serial link.
+    pub bad_frames: AtomicU64,
     /// Entries in the spool.
     pub spooled: AtomicU64,
     window: Mutex<Window>,

@@ -108,12 +108,18 @@ impl Mosquitto {
     }
 
     fn spawn(&mut self) -> io::Result<()> {
+        // The broker's own log goes to a file (see `log`): tests that fail handshakes on purpose
+        // would otherwise flood the test output.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("mosquitto.log"))?;
         let child = Command::new(&self.binary)
             .arg("-c")
             .arg(self.dir.path().join("mosquitto.conf"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(log)
             .spawn()?;
         let child = self.child.insert(child);
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -153,6 +159,11 @@ impl Mosquitto {
             std::thread::sleep(Duration::from_millis(100));
         }
         Err(MosquittoError::Start(last))
+    }
+
+    /// What the broker logged (errors and warnings), for a failing test's message.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
     }
 
     /// `mqtt://127.0.0.1:{port}`.
