@@ -16,7 +16,8 @@ Test data:
   data/digits-test/       held-out inputs.npy (float32 [360, 64], pixels / 16) and labels.npy
   data/references/        outputs of onnxruntime (ONNX) and LiteRT's reference kernels (TFLite)
                           for the first 32 test inputs, to check Cascade's engine against
-  testdata/               small models for the engine's own tests: two inputs (one 0-d) and two
+  testdata/               small models for the engine's own tests and the benchmarks: a no-op
+                          (softmax) model; two inputs (one 0-d) and two
                           oddly named outputs; the edge model with int8 input and output; and
                           models with an operator no backend supports
 
@@ -287,6 +288,27 @@ def references(x):
     (out / "steps.toml").write_text("\n".join(steps) + "\n")
 
 
+def noop(out):
+    """A model that does next to nothing (softmax over 10 values): for measuring Cascade's own
+    overhead and round trip, edge and cloud, without a model's time in the way."""
+    graph = helper.make_graph(
+        [helper.make_node("Softmax", ["x"], ["probabilities"], axis=1)],
+        "noop",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 10])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10])],
+    )
+    save_onnx(graph, out / "noop.onnx", "cascade models/generate.py")
+    sidecar(
+        out / "noop.onnx",
+        "noop",
+        "1.0.0",
+        "classification",
+        "softmax over its input: a stand-in model for overhead and round-trip benchmarks",
+        [{"name": "x", "dtype": "float32", "shape": [-1, 10]}],
+        "probabilities",
+    )
+
+
 def testdata(edge, calibration):
     out = HERE / "testdata"
     out.mkdir(exist_ok=True)
@@ -298,6 +320,7 @@ def testdata(edge, calibration):
         [helper.make_tensor_value_info("sum:0", TensorProto.FLOAT, [2, 3]), helper.make_tensor_value_info("scaled/1", TensorProto.FLOAT, [2, 3])],
     )
     save_onnx(graph, out / "two-in-two-out.onnx", "cascade models/generate.py")
+    noop(out)
     # An operator from a domain nobody implements.
     graph = helper.make_graph(
         [helper.make_node("Frobnicate", ["x"], ["y"], domain="com.example")],

@@ -1,8 +1,13 @@
-//! The dynamic batcher: groups escalations per model into batches. Pure: time is passed in.
+//! The dynamic batcher: groups escalations per model into batches. Pure: time and whether each
+//! model is busy are passed in.
 //!
-//! A model's queue is released as a batch when it holds `max_batch` items, or when its oldest item
-//! has waited `max_delay`. The batcher holds at most `capacity` items across all models; beyond
-//! that, [`Batcher::push`] hands the item back (the caller rejects it as overloaded: backpressure).
+//! A model's queue is released as a batch when it holds `max_batch` items. A partial batch is
+//! released only while the model is idle, once its oldest item has waited `max_delay` (zero: at
+//! once). So a lone request never waits for company when the model could run it now, and while
+//! the model is busy requests pile up into the next, fuller batch: batches grow with load (as
+//! Triton's dynamic batcher does with its default zero queue delay). The batcher holds at most
+//! `capacity` items across all models; beyond that, [`Batcher::push`] hands the item back (the
+//! caller rejects it as overloaded: backpressure).
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -12,7 +17,7 @@ use std::time::{Duration, Instant};
 pub struct BatchLimits {
     /// Largest batch.
     pub max_batch: usize,
-    /// Longest an item waits for others.
+    /// How long a partial batch waits for others while its model is idle.
     pub max_delay: Duration,
     /// Most items queued across all models.
     pub capacity: usize,
@@ -61,17 +66,23 @@ impl<T> Batcher<T> {
         Ok(())
     }
 
-    /// Batches due at `now`: full ones first, then those whose oldest item has waited long enough.
-    pub fn ready(&mut self, now: Instant) -> Vec<Batch<T>> {
+    /// Batches due at `now`: every full batch, and a partial one for each model that is `idle`
+    /// and whose oldest item has waited `max_delay`.
+    pub fn ready(&mut self, now: Instant, idle: impl Fn(&str) -> bool) -> Vec<Batch<T>> {
         let mut out = Vec::new();
         let max = self.limits.max_batch;
         let delay = self.limits.max_delay;
         for (model, queue) in &mut self.queues {
+            // At most one partial batch per call: it makes the model busy.
+            let mut idle = idle(model);
             loop {
-                let due = queue.len() >= max
-                    || queue
-                        .front()
-                        .is_some_and(|(_, t)| now.duration_since(*t) >= delay);
+                let full = queue.len() >= max;
+                let due = full
+                    || idle
+                        && queue
+                            .front()
+                            .is_some_and(|(_, t)| now.duration_since(*t) >= delay);
+                idle = false;
                 if !due {
                     break;
                 }
@@ -88,11 +99,13 @@ impl<T> Batcher<T> {
         out
     }
 
-    /// When the next batch falls due by waiting, if anything is queued.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    /// When the next partial batch of an `idle` model falls due by waiting. (A busy model's queue
+    /// is released when the model becomes idle, which the caller observes.)
+    pub fn next_deadline(&self, idle: impl Fn(&str) -> bool) -> Option<Instant> {
         self.queues
-            .values()
-            .filter_map(|q| q.front().map(|(_, t)| *t + self.limits.max_delay))
+            .iter()
+            .filter(|(model, _)| idle(model))
+            .filter_map(|(_, q)| q.front().map(|(_, t)| *t + self.limits.max_delay))
             .min()
     }
 
@@ -138,7 +151,7 @@ mod tests {
         for i in 0..7 {
             b.push("m", i, t0).unwrap();
         }
-        let batches = b.ready(t0);
+        let batches = b.ready(t0, |_| true);
         let sizes: Vec<usize> = batches.iter().map(|b| b.items.len()).collect();
         assert_eq!(sizes, [3, 3], "two full batches; the seventh waits");
         assert_eq!(b.len(), 1);
@@ -151,12 +164,53 @@ mod tests {
         let mut b = Batcher::new(limits(8, 500, 100));
         b.push("m", 1, t0).unwrap();
         b.push("m", 2, t0 + Duration::from_micros(100)).unwrap();
-        assert!(b.ready(t0 + Duration::from_micros(499)).is_empty());
-        assert_eq!(b.next_deadline(), Some(t0 + Duration::from_micros(500)));
-        let batches = b.ready(t0 + Duration::from_micros(500));
+        assert!(
+            b.ready(t0 + Duration::from_micros(499), |_| true)
+                .is_empty()
+        );
+        assert_eq!(
+            b.next_deadline(|_| true),
+            Some(t0 + Duration::from_micros(500))
+        );
+        assert_eq!(
+            b.next_deadline(|_| false),
+            None,
+            "a busy model has no deadline"
+        );
+        let batches = b.ready(t0 + Duration::from_micros(500), |_| true);
         assert_eq!(batches.len(), 1);
         assert_eq!(batches[0].items.len(), 2);
-        assert!(b.is_empty() && b.next_deadline().is_none());
+        assert!(b.is_empty() && b.next_deadline(|_| true).is_none());
+    }
+
+    #[test]
+    fn a_busy_model_gathers_a_fuller_batch() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(limits(8, 0, 100));
+        b.push("m", 1, t0).unwrap();
+        let first = b.ready(t0, |_| true);
+        assert_eq!(
+            first.len(),
+            1,
+            "idle and no delay: a lone item runs at once"
+        );
+        assert_eq!(first[0].items.len(), 1);
+        for i in 2..5 {
+            b.push("m", i, t0).unwrap();
+        }
+        assert!(
+            b.ready(t0 + Duration::from_millis(5), |_| false).is_empty(),
+            "nothing partial is released while the model is busy"
+        );
+        let next = b.ready(t0 + Duration::from_millis(5), |_| true);
+        assert_eq!(next.len(), 1, "one partial batch once idle");
+        assert_eq!(next[0].items.len(), 3);
+        for i in 0..9 {
+            b.push("m", i, t0).unwrap();
+        }
+        let busy = b.ready(t0, |_| false);
+        assert_eq!(busy.len(), 1, "a full batch is released even while busy");
+        assert_eq!(busy[0].items.len(), 8);
     }
 
     #[test]
@@ -166,7 +220,7 @@ mod tests {
         b.push("cloud", 1, t0).unwrap();
         b.push("tail", 2, t0).unwrap();
         b.push("cloud", 3, t0).unwrap();
-        let batches = b.ready(t0);
+        let batches = b.ready(t0, |_| true);
         assert_eq!(batches.len(), 1);
         assert_eq!(batches[0].model, "cloud");
         assert_eq!(b.len(), 1);
@@ -179,7 +233,7 @@ mod tests {
         b.push("m", 1, t0).unwrap();
         b.push("m", 2, t0).unwrap();
         assert_eq!(b.push("m", 3, t0), Err(3));
-        b.ready(t0 + Duration::from_millis(1));
+        b.ready(t0 + Duration::from_millis(1), |_| true);
         assert!(b.push("m", 3, t0).is_ok(), "room again once a batch left");
     }
 

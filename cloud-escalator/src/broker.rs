@@ -71,6 +71,15 @@ pub fn start(listen: SocketAddr) -> Result<EmbeddedBroker, BrokerError> {
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
         if TcpStream::connect(listen).is_ok() {
+            match set_nodelay_on_listener(listen) {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(%listen, "embedded broker's listener not found; TCP_NODELAY not set (expect ~40 ms per round trip)")
+                }
+                Err(e) => {
+                    tracing::warn!(%listen, error = %e, "TCP_NODELAY not set on the embedded broker (expect ~40 ms per round trip)")
+                }
+            }
             tracing::info!(%listen, "embedded broker listening (MQTT 5)");
             return Ok(EmbeddedBroker { listen });
         }
@@ -79,9 +88,88 @@ pub fn start(listen: SocketAddr) -> Result<EmbeddedBroker, BrokerError> {
     Err(BrokerError::NotListening(listen))
 }
 
+/// Sets TCP_NODELAY on rumqttd's listening socket, found among this process's descriptors.
+///
+/// rumqttd 0.20 does not set TCP_NODELAY on the connections it accepts, so Nagle's algorithm
+/// meets delayed ACKs and every request/response exchange through it waits ~40 ms (measured:
+/// `cloud-escalator perf round-trip`, p50 44 ms without this, see docs/escalator.md). It offers
+/// no hook on its listener or its accepted sockets, but Linux copies TCP_NODELAY from a listening
+/// socket to every socket it accepts, so setting it once on the listener covers every connection.
+/// Returns whether the listener was found.
+#[allow(unsafe_code)]
+fn set_nodelay_on_listener(listen: SocketAddr) -> std::io::Result<bool> {
+    use std::os::fd::{BorrowedFd, RawFd};
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        let Some(fd) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<RawFd>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: the descriptor is only borrowed for the calls below, which query or set socket
+        // options and fail harmlessly on anything that is not a socket. rumqttd's listener is
+        // never closed; another descriptor closed meanwhile makes the calls fail, nothing worse.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let socket = socket2::SockRef::from(&fd);
+        let is_it = socket.is_listener().unwrap_or(false)
+            && socket
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .is_some_and(|a| a == listen);
+        if is_it {
+            socket.set_tcp_nodelay(true)?;
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// A port on 127.0.0.1 that was free a moment ago (rumqttd cannot report the port it bound to 0).
 pub fn free_local_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
         .local_addr()?
         .port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The TCP_NODELAY setting of the broker's end of the connection whose client end is `client`
+    /// (rumqttd runs in this process, so that socket is one of ours).
+    #[allow(unsafe_code)]
+    fn server_side_nodelay(client: &TcpStream) -> Option<bool> {
+        use std::os::fd::{BorrowedFd, RawFd};
+        let client_addr = client.local_addr().ok()?;
+        for entry in std::fs::read_dir("/proc/self/fd").ok()? {
+            let fd: RawFd = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            // SAFETY: as in set_nodelay_on_listener: borrowed only to read socket options.
+            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+            let socket = socket2::SockRef::from(&fd);
+            if socket.peer_addr().ok().and_then(|a| a.as_socket()) == Some(client_addr) {
+                return socket.tcp_nodelay().ok();
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn connections_to_the_embedded_broker_have_nagle_disabled() {
+        let port = free_local_port().unwrap();
+        let broker = start(([127, 0, 0, 1], port).into()).unwrap();
+        let client = TcpStream::connect(broker.listen).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut seen = None;
+        while seen.is_none() && Instant::now() < deadline {
+            seen = server_side_nodelay(&client);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            seen,
+            Some(true),
+            "the broker's accepted socket must have TCP_NODELAY"
+        );
+    }
 }

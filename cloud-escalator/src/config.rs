@@ -130,7 +130,8 @@ pub struct BatchingConfig {
     /// Largest batch.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
-    /// Longest an escalation waits for others, microseconds.
+    /// How long a partial batch waits for more escalations while its model is idle,
+    /// microseconds. 0 (the default) runs it at once; batches still grow while the model is busy.
     #[serde(default = "default_max_delay")]
     pub max_delay_us: u64,
     /// Most escalations queued; beyond, they are rejected as overloaded.
@@ -142,7 +143,7 @@ fn default_max_batch() -> usize {
     32
 }
 fn default_max_delay() -> u64 {
-    2_000
+    0
 }
 fn default_capacity() -> usize {
     4096

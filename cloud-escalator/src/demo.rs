@@ -43,6 +43,10 @@ pub struct DemoOptions {
     pub data: PathBuf,
     /// Passes over the data.
     pub rounds: usize,
+    /// Port of the embedded broker (a free one when absent).
+    pub port: Option<u16>,
+    /// Keep the system running after the summary (until Ctrl-C), for trying it by hand.
+    pub stay: bool,
 }
 
 /// What the demo measured.
@@ -143,6 +147,12 @@ retry_after_ms = 5000
 
 [telemetry]
 interval_s = 1
+
+# Other programs can send inputs as JSON and read the results: see docs/mqtt.md.
+[sources.mqtt]
+url = {broker:?}
+topic = "demo/demo-{index:02}/input"
+result_topic = "demo/demo-{index:02}/result"
 "#,
         state = state.join(format!("agent-{index}")),
         model = options.edge_model,
@@ -167,7 +177,10 @@ pub async fn run(options: DemoOptions, out: &mut (dyn Write + Send)) -> anyhow::
         "inputs and labels differ in count"
     );
     let state = tempfile::tempdir()?;
-    let port = cloud_escalator::broker::free_local_port()?;
+    let port = match options.port {
+        Some(p) => p,
+        None => cloud_escalator::broker::free_local_port()?,
+    };
     let broker = format!("mqtt://127.0.0.1:{port}");
     writeln!(
         out,
@@ -375,7 +388,17 @@ pub async fn run(options: DemoOptions, out: &mut (dyn Write + Send)) -> anyhow::
         inputs_per_s: total as f64 / elapsed,
         mean_batch: batched as f64 / batches as f64,
     };
-    print_table(&report, out)?;
+    print_table(&options, &report, out)?;
+    if options.stay {
+        writeln!(
+            out,
+            "\nStill running (Ctrl-C to stop): broker mqtt://127.0.0.1:{port}; send JSON inputs to \
+             demo/demo-00/input and read results on demo/demo-00/result (docs/mqtt.md has a \
+             Python example)."
+        )?;
+        out.flush()?;
+        tokio::signal::ctrl_c().await?;
+    }
 
     for agent in agents {
         agent.stop(Duration::from_secs(5)).await;
@@ -385,7 +408,11 @@ pub async fn run(options: DemoOptions, out: &mut (dyn Write + Send)) -> anyhow::
     Ok(report)
 }
 
-fn print_table(r: &DemoReport, out: &mut (dyn Write + Send)) -> std::io::Result<()> {
+fn print_table(
+    options: &DemoOptions,
+    r: &DemoReport,
+    out: &mut (dyn Write + Send),
+) -> std::io::Result<()> {
     let pct = |v: f64| format!("{:.1}%", v * 100.0);
     writeln!(out)?;
     writeln!(out, "  ┌──────────────────────────────────┬──────────────┐")?;
@@ -421,5 +448,11 @@ fn print_table(r: &DemoReport, out: &mut (dyn Write + Send)) -> std::io::Result<
         pct(r.eval_escalated),
         pct(r.eval_cascade_accuracy)
     )?;
+    if options.privacy == "embedding" {
+        writeln!(
+            out,
+            "  (eval's cascade uses the cloud model; embedding escalations are answered by the tail model)"
+        )?;
+    }
     Ok(())
 }

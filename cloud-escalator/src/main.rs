@@ -1,6 +1,7 @@
 //! `cloud-escalator`: the cloud side of Cascade. A thin shell over the `cloud_escalator` library.
 
 mod demo;
+mod perf;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -53,6 +54,13 @@ enum Command {
         /// Tail model for embedding escalations.
         #[arg(long, default_value = "models/digits-tail.onnx")]
         tail_model: PathBuf,
+        /// Port of the embedded broker (default: a free port).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Keep running after the summary, until Ctrl-C, so other MQTT clients can try the
+        /// system (docs/mqtt.md has a Python example).
+        #[arg(long)]
+        stay: bool,
         /// Labelled data: inputs.npy and labels.npy.
         #[arg(long, default_value = "models/data/digits-test")]
         data: PathBuf,
@@ -65,6 +73,13 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Measure the escalation path: round-trip latency, and throughput under load with batching.
+    ///
+    /// Prints one JSON object per measurement on standard output and a readable line on standard
+    /// error. The scripts in bench/ run these beside their peers and print the ratios. Run from
+    /// the repository root (the default paths point into models/).
+    #[command(subcommand)]
+    Perf(PerfCommand),
     /// The hard-example store: statistics and export for retraining.
     #[command(subcommand)]
     Examples(ExamplesCommand),
@@ -75,6 +90,60 @@ enum Command {
     /// The formats are described in docs/protocol.md.
     #[command(subcommand)]
     Codec(CodecCommand),
+}
+
+#[derive(Subcommand)]
+enum PerfCommand {
+    /// One escalation at a time, agent → broker → escalator → agent, on a no-op model.
+    RoundTrip {
+        /// Broker URL (e.g. a Mosquitto to compare with); an embedded broker when absent.
+        #[arg(long)]
+        broker: Option<String>,
+        /// Round trips measured.
+        #[arg(long, default_value_t = 2000)]
+        n: usize,
+        /// Round trips before measuring.
+        #[arg(long, default_value_t = 200)]
+        warmup: usize,
+        /// The model at both ends.
+        #[arg(long, default_value = "models/testdata/noop.onnx")]
+        model: PathBuf,
+        /// Do not flush the agent's spool to disk per escalation (devices flush by default).
+        #[arg(long)]
+        no_fsync: bool,
+    },
+    /// Open-loop load from simulated devices at increasing rates; stops after the first rate that
+    /// misses the latency objective.
+    Batching {
+        /// Broker URL; an embedded broker when absent.
+        #[arg(long)]
+        broker: Option<String>,
+        /// The escalator's largest batch (1: no batching).
+        #[arg(long, default_value_t = 32)]
+        max_batch: usize,
+        /// Offered rates, escalations per second, comma-separated, ascending.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "100,200,400,800,1600,3200,6400"
+        )]
+        rates: Vec<f64>,
+        /// Seconds at each rate.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Simulated devices.
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        /// Cloud model answering.
+        #[arg(long, default_value = "models/digits-cloud.onnx")]
+        cloud_model: PathBuf,
+        /// Inputs (float32 .npy, one row per escalation, cycled).
+        #[arg(long, default_value = "models/data/digits-test/inputs.npy")]
+        inputs: PathBuf,
+        /// Verdict latency objective for p95, milliseconds.
+        #[arg(long, default_value_t = 50.0)]
+        slo_ms: f64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -212,7 +281,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let n = store.export(&model, &dir, disagreements_only)?;
             writeln!(out, "{n} examples written to {}", dir.display())?;
         }
-        Command::Demo { .. } | Command::Serve { .. } => unreachable!("handled in main"),
+        Command::Demo { .. } | Command::Serve { .. } | Command::Perf(_) => {
+            unreachable!("handled in main")
+        }
     }
     out.flush()?;
     Ok(())
@@ -234,6 +305,64 @@ async fn serve(config: cloud_escalator::config::EscalatorConfig) -> anyhow::Resu
     }
     if !handle.stop(std::time::Duration::from_secs(10)).await {
         tracing::warn!("some tasks did not stop within 10 s");
+    }
+    Ok(())
+}
+
+async fn perf(command: PerfCommand) -> anyhow::Result<()> {
+    let mut log = std::io::stderr();
+    let mut out = std::io::stdout();
+    match command {
+        PerfCommand::RoundTrip {
+            broker,
+            n,
+            warmup,
+            model,
+            no_fsync,
+        } => {
+            let options = perf::RoundTripOptions {
+                broker,
+                n,
+                warmup,
+                model,
+                fsync: !no_fsync,
+            };
+            let r = perf::round_trip(options, &mut log).await?;
+            writeln!(
+                log,
+                "cascade round trip: p50 {:.0} us, p99 {:.0} us, max {:.0} us, {} over 40 ms ({} bytes/escalation)",
+                r.latency.p50_us,
+                r.latency.p99_us,
+                r.latency.max_us,
+                r.latency.over_40ms,
+                r.escalation_bytes
+            )?;
+            writeln!(out, "{}", serde_json::to_string(&r)?)?;
+        }
+        PerfCommand::Batching {
+            broker,
+            max_batch,
+            rates,
+            seconds,
+            devices,
+            cloud_model,
+            inputs,
+            slo_ms,
+        } => {
+            let options = perf::BatchingOptions {
+                broker,
+                max_batch,
+                rates,
+                seconds,
+                devices,
+                cloud_model,
+                inputs,
+                slo_ms,
+            };
+            for r in perf::batching(options, &mut log).await? {
+                writeln!(out, "{}", serde_json::to_string(&r)?)?;
+            }
+        }
     }
     Ok(())
 }
@@ -288,8 +417,12 @@ fn main() -> ExitCode {
             cloud_model,
             tail_model,
             data,
+            port,
+            stay,
         } => {
             let options = demo::DemoOptions {
+                port,
+                stay,
                 agents,
                 threshold,
                 privacy,
@@ -305,6 +438,9 @@ fn main() -> ExitCode {
                     demo::run(options, &mut stdout).await.map(|_| ())
                 })
             }));
+        }
+        Command::Perf(command) => {
+            return report(runtime().and_then(|rt| rt.block_on(perf(command))));
         }
         _ => {}
     }

@@ -189,6 +189,8 @@ struct Job {
 
 /// A batch's outcome, from a worker back to the consumer.
 struct Done {
+    /// The model (route key) that ran it.
+    model: String,
     jobs: Vec<(Job, Instant)>,
     probabilities: Result<Vec<Vec<f32>>, String>,
     started: Instant,
@@ -313,6 +315,7 @@ fn worker(served: Arc<Served>, mut batches: mpsc::Receiver<Batch<Job>>, done: mp
         let inference = started.elapsed();
         if done
             .blocking_send(Done {
+                model: batch.model,
                 jobs: batch.items,
                 probabilities,
                 started,
@@ -442,6 +445,7 @@ pub async fn start(
             max_delay: Duration::from_micros(config.batching.max_delay_us),
             capacity: config.batching.capacity,
         }),
+        running: HashMap::new(),
         in_flight: HashMap::new(),
         answered: HashMap::new(),
         answered_order: VecDeque::new(),
@@ -474,6 +478,8 @@ struct Consumer {
     routes: HashMap<String, (Arc<Served>, Option<Arc<Served>>)>,
     workers: HashMap<String, mpsc::Sender<Batch<Job>>>,
     batcher: Batcher<Job>,
+    /// Batches handed to each model's worker and not yet answered; a model with none is idle.
+    running: HashMap<String, usize>,
     /// Ids queued or running, to ignore repeats until answered.
     in_flight: HashMap<Uuid, ()>,
     /// Recent verdicts by id, answered again when an escalation is repeated.
@@ -494,7 +500,10 @@ impl Consumer {
         let mut backoff = Backoff::default();
         let mut draining = false;
         loop {
-            let deadline = self.batcher.next_deadline();
+            let running = &self.running;
+            let deadline = self
+                .batcher
+                .next_deadline(|model| running.get(model).is_none_or(|&n| n == 0));
             let sleep = async move {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
@@ -509,12 +518,12 @@ impl Consumer {
                         self.dispatch(batch).await;
                     }
                 }
-                _ = sleep => {
-                    for batch in self.batcher.ready(Instant::now()) {
-                        self.dispatch(batch).await;
-                    }
+                _ = sleep => self.release().await,
+                Some(result) = done.recv() => {
+                    self.answer(result);
+                    // The model is free again: run what gathered meanwhile.
+                    self.release().await;
                 }
-                Some(result) = done.recv() => self.answer(result),
                 event = eventloop.poll() => match event {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         backoff.reset();
@@ -770,9 +779,7 @@ impl Consumer {
             Ok(()) => {
                 self.in_flight.insert(id, ());
                 metrics::gauge!("cascade_escalator_queued").set(self.batcher.len() as f64);
-                for batch in self.batcher.ready(Instant::now()) {
-                    self.dispatch(batch).await;
-                }
+                self.release().await;
             }
             Err(job) => {
                 let detail = "escalator queues are full; retry later".to_string();
@@ -788,7 +795,19 @@ impl Consumer {
         }
     }
 
+    /// Hands every batch that is due to its model's worker.
+    async fn release(&mut self) {
+        let running = &self.running;
+        let due = self.batcher.ready(Instant::now(), |model| {
+            running.get(model).is_none_or(|&n| n == 0)
+        });
+        for batch in due {
+            self.dispatch(batch).await;
+        }
+    }
+
     async fn dispatch(&mut self, batch: Batch<Job>) {
+        *self.running.entry(batch.model.clone()).or_default() += 1;
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats
             .batched
@@ -804,11 +823,15 @@ impl Consumer {
 
     fn answer(&mut self, done: Done) {
         let Done {
+            model,
             jobs,
             probabilities,
             started,
             inference,
         } = done;
+        if let Some(n) = self.running.get_mut(&model) {
+            *n = n.saturating_sub(1);
+        }
         let batch_size = jobs.len();
         metrics::histogram!("cascade_escalator_inference_seconds").record(inference.as_secs_f64());
         let probabilities = match probabilities {

@@ -384,6 +384,7 @@ fn inference_worker(
         let outputs = model.run(tensors.clone());
         let inference = started.elapsed();
         stats.record_latency(inference.as_micros() as u64);
+        metrics::histogram!("cascade_agent_inference_seconds").record(inference.as_secs_f64());
         item.inputs = tensors;
         if out
             .blocking_send(Inferred {

@@ -232,6 +232,123 @@ pub fn bench(options: &BenchOptions) -> Result<BenchReport, InferFilesError> {
     })
 }
 
+/// What `bench --pipeline` measured: the agent's own cost per input, beside the model's.
+#[derive(Debug, Clone, Serialize)]
+pub struct PipelineReport {
+    /// Model file.
+    pub model: String,
+    /// Inputs measured.
+    pub iterations: usize,
+    /// Input handed to the agent → its result delivered, p50, microseconds.
+    pub end_to_end_p50_us: f64,
+    /// The model's run inside that, p50, microseconds.
+    pub model_p50_us: f64,
+    /// End to end minus the model's run, per input: p50, microseconds.
+    pub overhead_p50_us: f64,
+    /// The same, p99.
+    pub overhead_p99_us: f64,
+    /// Peak resident memory of the process, KiB.
+    pub peak_rss_kib: Option<u64>,
+}
+
+impl fmt::Display for PipelineReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "model       {} ({} inputs)", self.model, self.iterations)?;
+        writeln!(
+            f,
+            "per input   end to end p50 {:.1} us, of which the model {:.1} us",
+            self.end_to_end_p50_us, self.model_p50_us
+        )?;
+        write!(
+            f,
+            "overhead    p50 {:.1} us  p99 {:.1} us (goal: p50 <= 50 us)",
+            self.overhead_p50_us, self.overhead_p99_us
+        )
+    }
+}
+
+/// Runs the whole agent in this process (input channel, inference thread, policy, result
+/// delivery; no escalations, no broker) and measures, one input at a time, what it adds to the
+/// model's own time.
+pub async fn pipeline(options: &BenchOptions) -> anyhow::Result<PipelineReport> {
+    let state = tempfile::tempdir()?;
+    // A broker address nobody listens on: the agent retries in the background, as offline
+    // devices do; nothing is escalated (threshold 0, no audit sample).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let config: crate::config::AgentConfig = toml::from_str(&format!(
+        r#"
+device = "bench"
+state_dir = {state:?}
+[model]
+path = {model:?}
+backend = "{backend}"
+threads = {threads}
+[policy]
+threshold = 0.0
+audit_rate = 0.0
+[mqtt]
+url = "mqtt://127.0.0.1:{port}"
+fsync = false
+[telemetry]
+interval_s = 3600
+"#,
+        state = state.path(),
+        model = options.model,
+        backend = options.load.backend.name(),
+        threads = options.load.threads.max(1),
+    ))?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut agent = crate::agent::start(config, shutdown.clone()).await?;
+    let mut results = agent
+        .take_results()
+        .ok_or_else(|| anyhow::anyhow!("results already taken"))?;
+    let inputs = agent
+        .model
+        .inputs
+        .iter()
+        .map(|s| synthetic_input(s, 1))
+        .collect::<Result<Vec<_>, _>>()?;
+    let iterations = options.iterations.max(1);
+    let (mut total, mut model, mut overhead) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..options.warmup + iterations {
+        let item = crate::input::InputItem::new(i.to_string(), inputs.clone());
+        let started = Instant::now();
+        agent.inputs.send(item).await?;
+        let event = results
+            .recv()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("the agent stopped"))?;
+        let elapsed = started.elapsed();
+        anyhow::ensure!(
+            event.stage == crate::input::Stage::Edge,
+            "input {i}: {:?} {:?}",
+            event.stage,
+            event.detail
+        );
+        if i >= options.warmup {
+            let ran = Duration::from_micros(event.latency_us.unwrap_or(0));
+            total.push(elapsed);
+            model.push(ran);
+            overhead.push(elapsed.saturating_sub(ran));
+        }
+    }
+    agent.stop(Duration::from_secs(5)).await;
+    for v in [&mut total, &mut model, &mut overhead] {
+        v.sort();
+    }
+    Ok(PipelineReport {
+        model: options.model.display().to_string(),
+        iterations,
+        end_to_end_p50_us: percentile(&total, 0.5),
+        model_p50_us: percentile(&model, 0.5),
+        overhead_p50_us: percentile(&overhead, 0.5),
+        overhead_p99_us: percentile(&overhead, 0.99),
+        peak_rss_kib: peak_rss_kib(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -142,6 +142,7 @@ impl Link {
     async fn report_dropped(&self, dropped: Vec<Dropped>) {
         for d in dropped {
             bump(&self.stats.dropped);
+            metrics::counter!("cascade_agent_dropped_total").increment(1);
             let reason = match d.reason {
                 DropReason::Full => "spool full: oldest escalation dropped",
                 DropReason::Expired => "no verdict in time",
@@ -461,6 +462,7 @@ pub async fn run(
                 Err(e) => {
                     connected = false;
                     bump(&link.stats.disconnects);
+                    metrics::counter!("cascade_agent_disconnects_total").increment(1);
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker connection lost");
                     tokio::select! {

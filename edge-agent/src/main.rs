@@ -83,6 +83,11 @@ enum Command {
         /// Also time every operator and list the slowest.
         #[arg(long)]
         profile: bool,
+        /// Measure the agent's own cost per input instead: run the whole agent (input channel,
+        /// inference thread, policy, result delivery) and report end-to-end time per input minus
+        /// the model's run.
+        #[arg(long, conflicts_with_all = ["profile", "inputs", "batch"])]
+        pipeline: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -214,9 +219,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             batch,
             inputs,
             profile,
+            pipeline,
             json,
         } => {
-            let report = bench(&BenchOptions {
+            let options = BenchOptions {
                 model: engine.model.clone(),
                 load: engine.options(),
                 warmup,
@@ -224,7 +230,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 batch,
                 inputs,
                 profile,
-            })?;
+            };
+            if pipeline {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()?;
+                let report = runtime.block_on(edge_agent::bench::pipeline(&options))?;
+                if json {
+                    writeln!(out, "{}", serde_json::to_string(&report)?)?;
+                } else {
+                    writeln!(out, "{report}")?;
+                }
+                return Ok(());
+            }
+            let report = bench(&options)?;
             if json {
                 writeln!(out, "{}", serde_json::to_string(&report)?)?;
             } else {

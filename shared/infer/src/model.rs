@@ -228,6 +228,17 @@ pub enum BackendChoice {
     Tflite,
 }
 
+impl BackendChoice {
+    /// The name [`FromStr`] reads: `auto`, `tract` or `tflite`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            BackendChoice::Auto => "auto",
+            BackendChoice::Tract => "tract",
+            BackendChoice::Tflite => "tflite",
+        }
+    }
+}
+
 impl FromStr for BackendChoice {
     type Err = String;
 

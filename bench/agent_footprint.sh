@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The edge agent's footprint: release binary sizes (x86-64, and aarch64 when its cross linker is
+# installed), resident memory of `edge-agent run` with the bundled edge model loaded and
+# connected to a broker after classifying the held-out set, and the agent's own cost per input
+# on top of the model (`edge-agent bench --pipeline`). Goals: RSS <= 10 MB, overhead p50 <= 50 us.
+#
+#   bench/agent_footprint.sh
+#   MODEL=models/digits-edge.f32.onnx bench/agent_footprint.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MODEL=${MODEL:-models/digits-edge.int8.tflite}
+
+echo "building edge-agent (release)" >&2
+cargo build --release --quiet -p edge-agent
+AGENT=target/release/edge-agent
+size() { stat -c %s "$1" | awk '{printf "%.1f MiB (%d bytes)", $1/1048576, $1}'; }
+echo "binary x86-64   $(size $AGENT)"
+if command -v aarch64-linux-gnu-gcc >/dev/null; then
+  cargo build --release --quiet -p edge-agent --target aarch64-unknown-linux-gnu
+  echo "binary aarch64  $(size target/aarch64-unknown-linux-gnu/release/edge-agent)"
+fi
+
+dir=$(mktemp -d)
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+printf 'listener %s 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n' "$port" > "$dir/mosquitto.conf"
+mosquitto -c "$dir/mosquitto.conf" 2>/dev/null &
+broker=$!
+mkfifo "$dir/inputs"
+cat > "$dir/agent.toml" <<TOML
+device = "footprint"
+state_dir = "$dir/state"
+[model]
+path = "$PWD/$MODEL"
+[mqtt]
+url = "mqtt://127.0.0.1:$port"
+[sources]
+stdin = true
+[output]
+jsonl = "$dir/results.jsonl"
+TOML
+RUST_LOG=warn "$AGENT" run --config "$dir/agent.toml" < "$dir/inputs" &
+agent=$!
+exec 3> "$dir/inputs"
+trap 'exec 3>&-; kill $agent $broker 2>/dev/null; rm -rf "$dir"' EXIT
+# Connected: its retained online status is on the broker.
+timeout 20 mosquitto_sub -p "$port" -t 'cascade/v1/default/footprint/status' -C 1 >/dev/null
+rss() { awk -v k="$1:" '$1 == k {printf "%.1f MiB", $2/1024}' "/proc/$agent/status"; }
+echo "RSS connected, idle               $(rss VmRSS)"
+# The held-out set as JSON lines, written by the agent's own tools would need numpy; a few lines
+# of Python read the .npy header and rows instead.
+python3 - models/data/digits-test/inputs.npy >&3 <<'PY'
+import ast, json, struct, sys
+data = open(sys.argv[1], "rb").read()
+header_len = struct.unpack("<H", data[8:10])[0]
+header = ast.literal_eval(data[10:10 + header_len].decode())
+rows, cols = header["shape"]
+values = struct.unpack(f"<{rows * cols}f", data[10 + header_len:10 + header_len + 4 * rows * cols])
+for r in range(rows):
+    print(json.dumps({"id": f"row-{r}", "input": values[r * cols:(r + 1) * cols]}))
+PY
+rows=$(python3 -c 'import ast,struct;d=open("models/data/digits-test/inputs.npy","rb").read();h=ast.literal_eval(d[10:10+struct.unpack("<H",d[8:10])[0]].decode());print(h["shape"][0])')
+for _ in $(seq 100); do
+  [ "$(grep -c '"stage":"edge"' "$dir/results.jsonl" 2>/dev/null || echo 0)" -ge "$rows" ] && break
+  sleep 0.2
+done
+echo "inputs classified                 $(grep -c '"stage":"edge"' "$dir/results.jsonl")"
+echo "RSS after the held-out set        $(rss VmRSS)   (goal <= 10 MB)"
+echo "peak RSS                          $(rss VmHWM)"
+echo
+"$AGENT" bench --pipeline --model "$MODEL" --iterations 5000 --warmup 500 2>/dev/null

@@ -1,0 +1,474 @@
+//! `cloud-escalator perf`: measures the escalation path the way perf_analyzer measures Triton
+//! (part of the binary: it prints). Two measurements:
+//!
+//! - `round-trip`: one escalation at a time from an edge agent (in this process, exactly as
+//!   `edge-agent run` would run) through the broker to the escalator and back, on a no-op model:
+//!   the latency Cascade itself adds to a round trip.
+//! - `batching`: open-loop load from many simulated devices at a ladder of rates; per rate, the
+//!   verdict latency p95 and what was answered. The highest rate answered in full within the p95
+//!   objective is the service's throughput; run it with `--max-batch 1` for the unbatched peer.
+//!
+//! Results are one JSON object per line on standard output (the bench/ scripts read them) after
+//! a readable line on standard error.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cascade_infer::Tensor;
+use cascade_infer::metadata::Metadata;
+use cascade_proto::escalation::{
+    ClassScore, Confidence, ConfidenceMetric, EdgeResult, EscalationRequest, Payload, PolicyRule,
+    PrivacyMode,
+};
+use cascade_proto::model::{ModelRef, Version};
+use cascade_proto::{Limits, Message, decode, encode};
+use cloud_escalator::config::{EscalatorConfig, RouteConfig};
+use edge_agent::config::AgentConfig;
+use edge_agent::input::{InputItem, Stage};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Latency summary, microseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    /// Samples.
+    pub n: usize,
+    /// Median.
+    pub p50_us: f64,
+    /// 95th percentile.
+    pub p95_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// Slowest.
+    pub max_us: f64,
+    /// Samples over 40 ms (the signature of Nagle's algorithm meeting delayed ACKs).
+    pub over_40ms: usize,
+}
+
+impl Latency {
+    fn of(mut samples: Vec<f64>) -> Self {
+        samples.sort_by(f64::total_cmp);
+        let at = |p: f64| {
+            if samples.is_empty() {
+                0.0
+            } else {
+                samples[((samples.len() - 1) as f64 * p).round() as usize]
+            }
+        };
+        Latency {
+            n: samples.len(),
+            p50_us: at(0.50),
+            p95_us: at(0.95),
+            p99_us: at(0.99),
+            max_us: at(1.0),
+            over_40ms: samples.iter().filter(|&&s| s > 40_000.0).count(),
+        }
+    }
+}
+
+/// Where the broker is: an external URL, or an embedded one started for the run.
+async fn broker(url: Option<String>) -> anyhow::Result<String> {
+    Ok(match url {
+        Some(u) => u,
+        None => {
+            let port = cloud_escalator::broker::free_local_port()?;
+            cloud_escalator::broker::start(([127, 0, 0, 1], port).into())?;
+            format!("mqtt://127.0.0.1:{port}")
+        }
+    })
+}
+
+fn escalator_config(
+    broker: &str,
+    route: RouteConfig,
+    max_batch: usize,
+    store: PathBuf,
+) -> anyhow::Result<EscalatorConfig> {
+    let mut config: EscalatorConfig = toml::from_str("routes = []")?;
+    config.fleet = "perf".into();
+    config.broker.url = Some(broker.into());
+    config.broker.client_id = format!("perf-escalator-{}", std::process::id());
+    config.broker.share_group = format!("perf{}", std::process::id());
+    config.routes = vec![route];
+    config.batching.max_batch = max_batch;
+    config.batching.max_delay_us = 0;
+    config.batching.capacity = 100_000;
+    config.limits.per_device_per_minute = 0;
+    config.store.path = store;
+    config.validate()?;
+    Ok(config)
+}
+
+/// `perf round-trip` settings.
+#[derive(Debug, Clone)]
+pub struct RoundTripOptions {
+    /// External broker; embedded when absent.
+    pub broker: Option<String>,
+    /// Measured round trips.
+    pub n: usize,
+    /// Round trips before measuring.
+    pub warmup: usize,
+    /// The no-op model (edge and cloud).
+    pub model: PathBuf,
+    /// Flush the agent's spool to disk on every escalation (the default for devices).
+    pub fsync: bool,
+}
+
+/// `perf round-trip`: what it measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundTripReport {
+    /// `cascade`.
+    pub system: &'static str,
+    /// Spool flushed per escalation.
+    pub fsync: bool,
+    /// Bytes of one escalation on the wire.
+    pub escalation_bytes: u64,
+    /// Input handed to the agent → cloud result delivered by the agent.
+    pub latency: Latency,
+}
+
+/// Runs `perf round-trip`.
+pub async fn round_trip(
+    options: RoundTripOptions,
+    log: &mut (dyn Write + Send),
+) -> anyhow::Result<RoundTripReport> {
+    let url = broker(options.broker.clone()).await?;
+    let state = tempfile::tempdir()?;
+    let shutdown = CancellationToken::new();
+    let name = Metadata::for_model(&options.model)?.name;
+    let route = RouteConfig {
+        edge_model: name,
+        cloud_model: options.model.clone(),
+        tail_model: None,
+        threads: 1,
+    };
+    let escalator = cloud_escalator::service::start(
+        escalator_config(&url, route, 32, state.path().join("examples.db"))?,
+        shutdown.child_token(),
+    )
+    .await?;
+    let agent_config: AgentConfig = toml::from_str(&format!(
+        r#"
+device = "perf-agent"
+fleet = "perf"
+state_dir = {state:?}
+[model]
+path = {model:?}
+[policy]
+threshold = 1.0
+audit_rate = 1.0
+per_minute = 100000000
+burst = 100000000
+[mqtt]
+url = "{url}"
+fsync = {fsync}
+[telemetry]
+interval_s = 3600
+"#,
+        state = state.path().join("agent"),
+        model = options.model,
+        fsync = options.fsync,
+    ))?;
+    let mut agent = edge_agent::agent::start(agent_config, shutdown.child_token()).await?;
+    let mut results = agent
+        .take_results()
+        .ok_or_else(|| anyhow::anyhow!("results already taken"))?;
+    let input_len = agent.model.inputs.first().map_or(10, |s| {
+        s.shape
+            .iter()
+            .map(|d| match d {
+                cascade_infer::Dim::Fixed(n) => *n,
+                cascade_infer::Dim::Symbolic(_) => 1,
+            })
+            .product()
+    });
+    writeln!(
+        log,
+        "round trip: agent → {url} → escalator → agent, no-op model, fsync={}",
+        options.fsync
+    )?;
+    let mut samples = Vec::with_capacity(options.n);
+    for i in 0..options.warmup + options.n {
+        let values: Vec<f32> = (0..input_len).map(|_| fastrand::f32()).collect();
+        let tensor = Tensor::from_f32(&[1, input_len], values)?;
+        let id = i.to_string();
+        let started = Instant::now();
+        agent
+            .inputs
+            .send(InputItem::new(id.clone(), vec![tensor]))
+            .await?;
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(30), results.recv())
+                .await
+                .map_err(|_| anyhow::anyhow!("no verdict in 30 s for round trip {i}"))?
+                .ok_or_else(|| anyhow::anyhow!("the agent stopped"))?;
+            if event.input == id && event.stage == Stage::Cloud {
+                break;
+            }
+            if event.input == id && matches!(event.stage, Stage::Rejected | Stage::Dropped) {
+                anyhow::bail!("round trip {i}: {:?} {:?}", event.stage, event.detail);
+            }
+        }
+        if i >= options.warmup {
+            samples.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let escalations = agent
+        .stats
+        .escalations
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .max(1);
+    let bytes = agent
+        .stats
+        .escalation_bytes
+        .load(std::sync::atomic::Ordering::Relaxed)
+        / escalations;
+    agent.stop(Duration::from_secs(5)).await;
+    escalator.stop(Duration::from_secs(5)).await;
+    Ok(RoundTripReport {
+        system: "cascade",
+        fsync: options.fsync,
+        escalation_bytes: bytes,
+        latency: Latency::of(samples),
+    })
+}
+
+/// `perf batching` settings.
+#[derive(Debug, Clone)]
+pub struct BatchingOptions {
+    /// External broker; embedded when absent.
+    pub broker: Option<String>,
+    /// The escalator's largest batch.
+    pub max_batch: usize,
+    /// Offered loads, escalations per second.
+    pub rates: Vec<f64>,
+    /// Seconds at each rate.
+    pub seconds: f64,
+    /// Simulated devices (escalations round-robin over them).
+    pub devices: usize,
+    /// Edge model name the escalations carry, and the cloud model answering them.
+    pub cloud_model: PathBuf,
+    /// Inputs sent (rows of a float32 .npy).
+    pub inputs: PathBuf,
+    /// Latency objective: the ladder stops after the first rate whose p95 exceeds it (or that
+    /// leaves escalations unanswered).
+    pub slo_ms: f64,
+}
+
+/// `perf batching`: one offered rate.
+#[derive(Debug, Clone, Serialize)]
+pub struct RateReport {
+    /// The escalator's largest batch.
+    pub max_batch: usize,
+    /// Offered escalations per second.
+    pub offered_per_s: f64,
+    /// Verdicts per second over the run.
+    pub answered_per_s: f64,
+    /// Escalations sent.
+    pub sent: usize,
+    /// Of which answered.
+    pub answered: usize,
+    /// Mean batch size the escalator ran.
+    pub mean_batch: f64,
+    /// Verdict latency (publish → verdict received).
+    pub latency: Latency,
+    /// Everything answered, with p95 within the objective.
+    pub meets_slo: bool,
+}
+
+fn request(device: usize, model: &str, row: &[f32]) -> (Uuid, Vec<u8>) {
+    let id = Uuid::new_v4();
+    let request = EscalationRequest {
+        id,
+        device: format!("sim-{device:04}"),
+        model: ModelRef::new(model, Version::new(1, 0, 0)),
+        privacy: PrivacyMode::Raw,
+        payload: Payload::Tensor(cascade_proto::escalation::Tensor::from_f32(
+            vec![1, row.len() as u32],
+            row,
+        )),
+        edge: EdgeResult {
+            top_k: vec![ClassScore {
+                class: 0,
+                score: 0.5,
+            }],
+            confidence: Confidence {
+                metric: ConfidenceMetric::MaxProb,
+                value: 0.5,
+            },
+            rule: PolicyRule::LowConfidence { threshold: 0.9 },
+            inference_us: 0,
+        },
+        sent_at_ms: 0,
+    };
+    (id, encode(&Message::EscalationRequest(request)))
+}
+
+/// Runs `perf batching`, one report per offered rate.
+pub async fn batching(
+    options: BatchingOptions,
+    log: &mut (dyn Write + Send),
+) -> anyhow::Result<Vec<RateReport>> {
+    let url = broker(options.broker.clone()).await?;
+    let (host, port, _) = edge_agent::config::broker_address(&url)?;
+    let state = tempfile::tempdir()?;
+    let shutdown = CancellationToken::new();
+    let route = RouteConfig {
+        edge_model: "perf-edge".into(),
+        cloud_model: options.cloud_model.clone(),
+        tail_model: None,
+        threads: 1,
+    };
+    let escalator = cloud_escalator::service::start(
+        escalator_config(
+            &url,
+            route,
+            options.max_batch,
+            state.path().join("examples.db"),
+        )?,
+        shutdown.child_token(),
+    )
+    .await?;
+    let inputs = Tensor::read_npy(&options.inputs)?.to_f32();
+    let rows: Vec<Vec<f32>> = inputs
+        .outer_iter()
+        .map(|r| r.iter().copied().collect())
+        .collect();
+    anyhow::ensure!(
+        !rows.is_empty(),
+        "no inputs in {}",
+        options.inputs.display()
+    );
+
+    // One client plays every device: it publishes escalations and reads every verdict.
+    let mut mqtt = MqttOptions::new(format!("perf-load-{}", std::process::id()), host, port);
+    mqtt.set_keep_alive(Duration::from_secs(30));
+    mqtt.set_max_packet_size(Some(1 << 20));
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    mqtt.set_network_options(network);
+    let (client, mut eventloop) = AsyncClient::new(mqtt, 100_000);
+    client
+        .subscribe("cascade/v1/perf/+/verdict", QoS::AtLeastOnce)
+        .await?;
+    let sent_at: Arc<Mutex<HashMap<Uuid, Instant>>> = Arc::default();
+    let latencies: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let (pending, done) = (sent_at.clone(), latencies.clone());
+    let reader = tokio::spawn(async move {
+        let limits = Limits::default();
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let now = Instant::now();
+                    if let Ok(Message::Verdict(v)) = decode(&p.payload, &limits)
+                        && let Some(t) = pending.lock().map(|mut m| m.remove(&v.id)).ok().flatten()
+                        && let Ok(mut l) = done.lock()
+                    {
+                        l.push(now.duration_since(t).as_secs_f64() * 1e6);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "load client disconnected");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut reports = Vec::new();
+    let mut n = 0usize;
+    for &rate in &options.rates {
+        latencies.lock().map(|mut l| l.clear()).ok();
+        sent_at.lock().map(|mut m| m.clear()).ok();
+        let batches_before = escalator
+            .stats
+            .batches
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let batched_before = escalator
+            .stats
+            .batched
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let total = (rate * options.seconds).round() as usize;
+        let started = Instant::now();
+        for k in 0..total {
+            // Open loop: each escalation leaves at its scheduled time, whatever the answers do.
+            let due = started + Duration::from_secs_f64(k as f64 / rate);
+            tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
+            let device = n % options.devices.max(1);
+            let (id, bytes) = request(device, "perf-edge", &rows[n % rows.len()]);
+            n += 1;
+            sent_at
+                .lock()
+                .map(|mut m| m.insert(id, Instant::now()))
+                .ok();
+            client
+                .publish(
+                    format!("cascade/v1/perf/sim-{device:04}/escalate"),
+                    QoS::AtLeastOnce,
+                    false,
+                    bytes,
+                )
+                .await?;
+        }
+        // Let the last answers arrive.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && sent_at.lock().map(|m| !m.is_empty()).unwrap_or(false) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let samples = latencies.lock().map(|l| l.clone()).unwrap_or_default();
+        let batches = escalator
+            .stats
+            .batches
+            .load(std::sync::atomic::Ordering::Relaxed)
+            - batches_before;
+        let batched = escalator
+            .stats
+            .batched
+            .load(std::sync::atomic::Ordering::Relaxed)
+            - batched_before;
+        let report = RateReport {
+            max_batch: options.max_batch,
+            offered_per_s: rate,
+            answered_per_s: samples.len() as f64 / elapsed,
+            sent: total,
+            answered: samples.len(),
+            mean_batch: batched as f64 / batches.max(1) as f64,
+            meets_slo: false,
+            latency: Latency::of(samples),
+        };
+        let report = RateReport {
+            meets_slo: report.answered == report.sent
+                && report.latency.p95_us <= options.slo_ms * 1000.0,
+            ..report
+        };
+        writeln!(
+            log,
+            "max_batch {:>3}  offered {:>7.0}/s  answered {:>6}/{:<6} p50 {:>8.1} ms  p95 {:>8.1} ms  mean batch {:>5.1}",
+            report.max_batch,
+            report.offered_per_s,
+            report.answered,
+            report.sent,
+            report.latency.p50_us / 1000.0,
+            report.latency.p95_us / 1000.0,
+            report.mean_batch
+        )?;
+        let stop = !report.meets_slo;
+        reports.push(report);
+        if stop {
+            break;
+        }
+    }
+    reader.abort();
+    escalator.stop(Duration::from_secs(5)).await;
+    Ok(reports)
+}
