@@ -27,7 +27,6 @@ Test data:
 CI does not retrain: it checks every file listed in models/manifest.toml against its sha256.
 """
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -39,6 +38,8 @@ import tensorflow as tf
 from onnx import TensorProto, helper, numpy_helper
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+
+from manifest import write_manifest
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "digits-test"
@@ -346,22 +347,6 @@ def testdata(edge, calibration):
 
 def accuracy(probabilities, y):
     return float((probabilities.argmax(-1) == y).mean())
-
-
-def write_manifest():
-    files = sorted(
-        p for p in HERE.rglob("*") if p.is_file() and (p.suffix in {".onnx", ".tflite", ".npy", ".png"} or p.name.endswith((".onnx.toml", ".tflite.toml")) or p.name == "steps.toml")
-        and "thirdparty" not in p.parts
-    )
-    lines = [
-        "# sha256 of every generated file, checked by CI (shared/infer/tests/bundled.rs).",
-        "# Regenerate with models/generate.py, which rewrites this file.",
-        "",
-    ]
-    for p in files:
-        digest = hashlib.sha256(p.read_bytes()).hexdigest()
-        lines.append(f'"{p.relative_to(HERE).as_posix()}" = "{digest}"')
-    (HERE / "manifest.toml").write_text("\n".join(lines) + "\n")
 
 
 def main():

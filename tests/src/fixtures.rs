@@ -43,6 +43,16 @@ pub fn digits(n: usize) -> Vec<Tensor> {
 /// An agent configuration for `device` on `broker_url` that escalates every input (threshold 1.0
 /// and a full audit sample), with a generous budget and quick retries, so tests see every path.
 pub fn agent_toml(device: &str, broker_url: &str, state_dir: &Path) -> String {
+    agent_toml_with_model(device, broker_url, state_dir, &edge_model())
+}
+
+/// [`agent_toml`] with another edge model.
+pub fn agent_toml_with_model(
+    device: &str,
+    broker_url: &str,
+    state_dir: &Path,
+    model: &Path,
+) -> String {
     format!(
         r#"
 device = "{device}"
@@ -68,7 +78,6 @@ keep_alive_s = 5
 interval_s = 1
 "#,
         state = state_dir,
-        model = edge_model(),
     )
 }
 

@@ -214,3 +214,36 @@ fn fully_int8_model_takes_and_returns_int8() {
     let acc = accuracy(&predicted, &labels);
     assert!(acc >= 0.95, "int8-in, int8-out accuracy {acc}");
 }
+
+#[test]
+fn motion_model_matches_onnxruntime_and_its_reported_accuracy() {
+    let name = "motion-edge.onnx";
+    let model = load(name);
+    let meta = Metadata::for_model(&models().join(name)).unwrap();
+    meta.check_against(model.info()).unwrap();
+    assert_eq!(meta.labels, ["still", "walking", "shaking"]);
+
+    let inputs = npy("data/motion-test/inputs.npy");
+    let outputs = run_batch(model.as_ref(), vec![first_rows(&inputs, 32)]).unwrap();
+    for (spec, ours) in model.info().outputs.iter().zip(&outputs) {
+        let reference = npy(&format!("data/references/{name}.{}.npy", spec.name));
+        assert_close(
+            &format!("{name} {}", spec.name),
+            ours,
+            &reference,
+            1e-4,
+            1e-3,
+        );
+    }
+
+    let labels: Vec<usize> = match npy("data/motion-test/labels.npy") {
+        Tensor::I64(a) => a.iter().map(|&l| l as usize).collect(),
+        other => panic!("labels are {}", other.dtype()),
+    };
+    let acc = accuracy(
+        &predictions(model.as_ref(), &models().join(name), &inputs),
+        &labels,
+    );
+    // The sidecar and models/README.md report 98.3 % on this synthetic split.
+    assert!(acc >= 0.98, "motion {acc}");
+}
