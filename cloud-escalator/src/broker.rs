@@ -16,23 +16,44 @@ pub enum BrokerError {
     /// Nothing listens on the address after start-up.
     #[error("embedded broker did not start listening on {0} within 5 s (address in use?)")]
     NotListening(SocketAddr),
+    /// The broker's thread could not be started.
+    #[error("cannot start the embedded broker's thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// A running embedded broker.
 #[derive(Debug, Clone, Copy)]
 pub struct EmbeddedBroker {
-    /// Where it listens (MQTT 5).
+    /// Where it listens for MQTT 5.
     pub listen: SocketAddr,
+    /// Where it listens for MQTT 3.1.1, if it does.
+    pub listen_v311: Option<SocketAddr>,
 }
 
 /// The largest MQTT packet the embedded broker accepts: the protocol's 1 MiB message limit plus
 /// headroom for topic and properties.
 pub const MAX_PACKET: usize = (1 << 20) + 4096;
 
-/// Starts rumqttd with one MQTT 5 listener on `listen` and waits until it accepts connections.
-pub fn start(listen: SocketAddr) -> Result<EmbeddedBroker, BrokerError> {
-    let server = ServerSettings {
-        name: "v5".into(),
+/// Starts rumqttd with an MQTT 5 listener on `listen` (and an MQTT 3.1.1 one on `listen_v311`)
+/// and waits until they accept connections.
+pub fn start(
+    listen: SocketAddr,
+    listen_v311: Option<SocketAddr>,
+) -> Result<EmbeddedBroker, BrokerError> {
+    start_with(Some(listen), listen_v311).map(|(_, listen_v311)| EmbeddedBroker {
+        listen,
+        listen_v311,
+    })
+}
+
+/// Starts rumqttd with an MQTT 5 listener, an MQTT 3.1.1 listener, or both, and waits until each
+/// accepts connections. Returns the addresses (as given).
+pub fn start_with(
+    v5: Option<SocketAddr>,
+    v311: Option<SocketAddr>,
+) -> Result<(Option<SocketAddr>, Option<SocketAddr>), BrokerError> {
+    let server = |name: &str, listen: SocketAddr| ServerSettings {
+        name: name.into(),
         listen,
         tls: None,
         next_connection_delay_ms: 1,
@@ -56,7 +77,8 @@ pub fn start(listen: SocketAddr) -> Result<EmbeddedBroker, BrokerError> {
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
         },
-        v5: Some(HashMap::from([("v5".to_string(), server)])),
+        v5: v5.map(|a| HashMap::from([("v5".to_string(), server("v5", a))])),
+        v4: v311.map(|a| HashMap::from([("v311".to_string(), server("v311", a))])),
         ..Config::default()
     };
     std::thread::Builder::new()
@@ -67,7 +89,18 @@ pub fn start(listen: SocketAddr) -> Result<EmbeddedBroker, BrokerError> {
                 tracing::error!(error = %e, "embedded broker stopped");
             }
         })
-        .map_err(|_| BrokerError::NotListening(listen))?;
+        .map_err(BrokerError::Thread)?;
+    for (listen, protocol) in [(v5, "MQTT 5"), (v311, "MQTT 3.1.1")] {
+        if let Some(listen) = listen {
+            wait_listening(listen)?;
+            tracing::info!(%listen, protocol, "embedded broker listening");
+        }
+    }
+    Ok((v5, v311))
+}
+
+/// Waits until `listen` accepts connections, then disables Nagle on it.
+fn wait_listening(listen: SocketAddr) -> Result<(), BrokerError> {
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
         if TcpStream::connect(listen).is_ok() {
@@ -80,8 +113,7 @@ pub fn start(listen: SocketAddr) -> Result<EmbeddedBroker, BrokerError> {
                     tracing::warn!(%listen, error = %e, "TCP_NODELAY not set on the embedded broker (expect ~40 ms per round trip)")
                 }
             }
-            tracing::info!(%listen, "embedded broker listening (MQTT 5)");
-            return Ok(EmbeddedBroker { listen });
+            return Ok(());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -158,7 +190,7 @@ mod tests {
     #[test]
     fn connections_to_the_embedded_broker_have_nagle_disabled() {
         let port = free_local_port().unwrap();
-        let broker = start(([127, 0, 0, 1], port).into()).unwrap();
+        let broker = start(([127, 0, 0, 1], port).into(), None).unwrap();
         let client = TcpStream::connect(broker.listen).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut seen = None;

@@ -85,6 +85,13 @@ pub struct BrokerConfig {
     /// Shared-subscription group; replicas in one group split the escalations.
     #[serde(default = "default_group")]
     pub share_group: String,
+    /// Also serve MQTT 3.1.1 clients on this address (embedded broker only).
+    #[serde(default)]
+    pub listen_v311: Option<SocketAddr>,
+    /// MQTT version to speak to the broker: `"auto"` (5, falling back to 3.1.1), `"5"`, `"3.1.1"`.
+    /// On 3.1.1 there are no shared subscriptions: run one replica.
+    #[serde(default)]
+    pub protocol: edge_agent::mqtt::Protocol,
 }
 
 fn default_listen() -> SocketAddr {

@@ -79,7 +79,7 @@ async fn broker(url: Option<String>) -> anyhow::Result<String> {
         Some(u) => u,
         None => {
             let port = cloud_escalator::broker::free_local_port()?;
-            cloud_escalator::broker::start(([127, 0, 0, 1], port).into())?;
+            cloud_escalator::broker::start(([127, 0, 0, 1], port).into(), None)?;
             format!("mqtt://127.0.0.1:{port}")
         }
     })

@@ -35,10 +35,9 @@ use cascade_proto::policy::TokenBucket;
 use cascade_proto::topic::{Channel, DeviceTopic, Filter};
 use cascade_proto::{DecodeError, Limits, Message, decode, encode};
 use edge_agent::connection::{Backoff, mqtt_options, tls_config};
+use edge_agent::mqtt::{Ack, MqttVersion, Session, SessionEvent};
 use ndarray::{ArrayD, Axis, IxDyn};
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
-use rumqttc::v5::{AsyncClient, Event, EventLoop};
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -87,6 +86,8 @@ pub struct ServiceStats {
     pub batched: AtomicU64,
     /// Examples written to the store.
     pub stored: AtomicU64,
+    /// Examples dropped because the store fell behind (verdicts are never held up for it).
+    pub store_dropped: AtomicU64,
     rejections: std::sync::Mutex<HashMap<&'static str, u64>>,
 }
 
@@ -338,7 +339,7 @@ pub async fn start(
         Some(url) => edge_agent::config::broker_address(url)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?,
         None => {
-            let b = crate::broker::start(config.broker.listen)?;
+            let b = crate::broker::start(config.broker.listen, config.broker.listen_v311)?;
             (b.listen.ip().to_string(), b.listen.port(), false)
         }
     };
@@ -420,7 +421,7 @@ pub async fn start(
     options.set_session_expiry_interval(None);
     options.set_manual_acks(true);
     options.set_request_channel_capacity(4096);
-    let (client, eventloop) = AsyncClient::new(options, 4096);
+    let session = Session::new(config.broker.protocol, options, None, 4096);
     let consumer = Consumer {
         acks: VecDeque::new(),
         done_seqs: Default::default(),
@@ -428,6 +429,9 @@ pub async fn start(
         fleet: config.fleet.clone(),
         filter: Filter::channel(&config.fleet, Channel::Escalate)
             .and_then(|f| f.shared(&config.broker.share_group))
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?
+            .to_string(),
+        unshared_filter: Filter::channel(&config.fleet, Channel::Escalate)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?
             .to_string(),
         limits: Limits {
@@ -451,9 +455,9 @@ pub async fn start(
         answered_order: VecDeque::new(),
         stats: stats.clone(),
         store: store_tx,
-        client,
+        session,
     };
-    tracker.spawn(consumer.run(eventloop, done_rx, shutdown.clone()));
+    tracker.spawn(consumer.run(done_rx, shutdown.clone()));
     Ok(EscalatorHandle {
         stats,
         tracker,
@@ -467,11 +471,14 @@ const ANSWERED_MEMORY: usize = 20_000;
 struct Consumer {
     /// PUBACKs must go out in the order the PUBLISHes came in (MQTT 4.6): received escalations
     /// wait here until every earlier one is done.
-    acks: VecDeque<(u64, Publish)>,
+    acks: VecDeque<(u64, Ack)>,
     done_seqs: std::collections::HashSet<u64>,
     next_seq: u64,
     fleet: String,
+    /// The shared subscription (MQTT 5).
     filter: String,
+    /// The same without the share, for MQTT 3.1.1 brokers.
+    unshared_filter: String,
     limits: Limits,
     per_device: (u32, u32),
     buckets: HashMap<String, TokenBucket>,
@@ -487,16 +494,21 @@ struct Consumer {
     answered_order: VecDeque<Uuid>,
     stats: Arc<ServiceStats>,
     store: mpsc::Sender<Example>,
-    client: AsyncClient,
+    session: Session,
+}
+
+/// An escalation as it arrived, with what is needed to answer and acknowledge it.
+struct Received {
+    topic: Bytes,
+    payload: Bytes,
+    response_topic: Option<String>,
+    correlation: Option<Bytes>,
+    expiry_s: Option<u32>,
+    ack: Ack,
 }
 
 impl Consumer {
-    async fn run(
-        mut self,
-        mut eventloop: EventLoop,
-        mut done: mpsc::Receiver<Done>,
-        shutdown: CancellationToken,
-    ) {
+    async fn run(mut self, mut done: mpsc::Receiver<Done>, shutdown: CancellationToken) {
         let mut backoff = Backoff::default();
         let mut draining = false;
         loop {
@@ -524,19 +536,31 @@ impl Consumer {
                     // The model is free again: run what gathered meanwhile.
                     self.release().await;
                 }
-                event = eventloop.poll() => match event {
-                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                event = self.session.poll() => match event {
+                    SessionEvent::Connected { version, .. } => {
                         backoff.reset();
-                        tracing::info!(filter = %self.filter, "escalator connected");
                         // Clean start: there is never a session to keep the subscription.
-                        let _ = ack;
-                        if let Err(e) = self.client.try_subscribe(self.filter.clone(), QoS::AtLeastOnce) {
-                            tracing::error!(error = %e, "cannot subscribe");
+                        let filter = match version {
+                            MqttVersion::V5 => self.filter.clone(),
+                            MqttVersion::V311 => {
+                                tracing::warn!(
+                                    filter = %self.unshared_filter,
+                                    "MQTT 3.1.1 has no shared subscriptions: a plain subscription; \
+                                     run a single replica on this broker"
+                                );
+                                self.unshared_filter.clone()
+                            }
+                        };
+                        tracing::info!(%filter, mqtt = version.name(), "escalator connected");
+                        if !self.session.try_subscribe(&filter) {
+                            tracing::error!("cannot subscribe: client queue full");
                         }
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) if !draining => self.receive(p).await,
-                    Ok(_) => {}
-                    Err(e) => {
+                    SessionEvent::Message { topic, payload, response_topic, correlation, expiry_s, ack } if !draining => {
+                        self.receive(Received { topic, payload, response_topic, correlation, expiry_s, ack }).await;
+                    }
+                    SessionEvent::Message { .. } | SessionEvent::Disconnected | SessionEvent::Other => {}
+                    SessionEvent::Lost(e) => {
                         let delay = backoff.next_delay();
                         tracing::warn!(error = %e, "broker connection lost");
                         if draining {
@@ -553,10 +577,13 @@ impl Consumer {
                 break;
             }
         }
-        let _ = self.client.try_disconnect();
+        self.session.try_disconnect();
         // Let the disconnect go out.
         let _ = tokio::time::timeout(Duration::from_millis(500), async {
-            while eventloop.poll().await.is_ok() {}
+            while !matches!(
+                self.session.poll().await,
+                SessionEvent::Disconnected | SessionEvent::Lost(_)
+            ) {}
         })
         .await;
         tracing::info!("escalator stopped");
@@ -568,14 +595,11 @@ impl Consumer {
             content_type: Some("application/vnd.cascade.v1+postcard".into()),
             ..PublishProperties::default()
         };
-        if let Err(e) = self.client.try_publish_with_properties(
-            topic.to_string(),
-            QoS::AtLeastOnce,
-            false,
-            bytes,
-            properties,
-        ) {
-            tracing::warn!(error = %e, %topic, "reply not queued (client queue full)");
+        if !self
+            .session
+            .try_publish(topic, false, bytes, Some(&properties))
+        {
+            tracing::warn!(%topic, "reply not queued (client queue full)");
         }
     }
 
@@ -607,19 +631,19 @@ impl Consumer {
             if !self.done_seqs.remove(head) {
                 break;
             }
-            if let Some((_, publish)) = self.acks.pop_front()
-                && let Err(e) = self.client.try_ack(&publish)
+            if let Some((_, ack)) = self.acks.pop_front()
+                && !self.session.try_ack(&ack)
             {
-                tracing::warn!(error = %e, "acknowledgement not queued");
+                tracing::warn!("acknowledgement not queued");
             }
         }
     }
 
-    async fn receive(&mut self, p: Publish) {
+    async fn receive(&mut self, p: Received) {
         let received = Instant::now();
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.acks.push_back((seq, p.clone()));
+        self.acks.push_back((seq, p.ack.clone()));
         self.stats.received.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("cascade_escalator_escalations_total").increment(1);
         let topic_name = String::from_utf8_lossy(&p.topic).into_owned();
@@ -635,9 +659,8 @@ impl Consumer {
             channel: Channel::Verdict,
         }
         .to_string();
-        let props = p.properties.clone().unwrap_or_default();
         // Answer on the requested response topic when it is this device's verdict topic.
-        let reply_topic = props
+        let reply_topic = p
             .response_topic
             .as_deref()
             .filter(|t| {
@@ -645,7 +668,7 @@ impl Consumer {
                     .is_ok_and(|d| d.channel == Channel::Verdict && d.device == device)
             })
             .map_or(default_reply, str::to_string);
-        let correlation = props.correlation_data.clone();
+        let correlation = p.correlation.clone();
         metrics::counter!("cascade_escalator_device_escalations_total", "device" => device.clone())
             .increment(1);
         let request = match decode(&p.payload, &self.limits) {
@@ -762,8 +785,8 @@ impl Consumer {
                 );
             }
         };
-        let deadline = props
-            .message_expiry_interval
+        let deadline = p
+            .expiry_s
             .map(|s| received + Duration::from_secs(u64::from(s)));
         let job = Job {
             request,
@@ -921,7 +944,16 @@ impl Consumer {
                 received_ms: now_ms(),
             };
             if self.store.try_send(example).is_err() {
-                tracing::warn!("hard-example store is behind; example dropped");
+                let dropped = self.stats.store_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                metrics::counter!("cascade_escalator_examples_dropped_total").increment(1);
+                // One line per thousand, not one per example: under overload this would
+                // otherwise be the loudest thing in the log.
+                if dropped % 1000 == 1 {
+                    tracing::warn!(
+                        dropped_total = dropped,
+                        "hard-example store is behind; examples dropped (verdicts unaffected)"
+                    );
+                }
             }
         }
     }

@@ -249,6 +249,7 @@ pub async fn start(
             tls,
             config.mqtt.max_message_bytes,
         ),
+        protocol: config.mqtt.protocol,
         message_expiry_s: config.mqtt.message_expiry_s,
         verdict_timeout: Duration::from_secs(config.mqtt.verdict_timeout_s),
         retry_after: Duration::from_millis(config.mqtt.retry_after_ms),

@@ -232,6 +232,9 @@ pub struct MqttConfig {
     /// Largest message accepted from the broker, bytes.
     #[serde(default = "default_max_message")]
     pub max_message_bytes: usize,
+    /// MQTT version: `"auto"` (5, falling back to 3.1.1 when the broker lacks 5), `"5"`, `"3.1.1"`.
+    #[serde(default)]
+    pub protocol: crate::mqtt::Protocol,
 }
 
 fn default_url() -> String {

@@ -17,6 +17,7 @@
 //! - [`spool`]: the durable store-and-forward queue of escalations.
 //! - [`link`]: the MQTT connection to the fleet broker (escalations out; verdicts, policy in).
 //! - [`connection`]: MQTT and TLS settings shared by every client.
+//! - [`mqtt`]: one MQTT session, version 5 or 3.1.1 (falling back when the broker lacks 5).
 //! - [`stats`]: counters and telemetry windows.
 //! - [`sensor`]: decodes the firmware → agent frame stream into readings and model-input windows.
 //!
@@ -33,6 +34,7 @@ pub mod eval;
 pub mod infer_files;
 pub mod input;
 pub mod link;
+pub mod mqtt;
 pub mod policy;
 pub mod privacy;
 pub mod sensor;

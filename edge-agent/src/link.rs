@@ -15,15 +15,15 @@ use cascade_proto::signing::Keyring;
 use cascade_proto::status::DeviceStatus;
 use cascade_proto::topic::{Channel, DeviceTopic};
 use cascade_proto::{Limits, Message, decode, encode};
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, PublishProperties};
-use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::v5::MqttOptions;
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::connection::Backoff;
 use crate::input::{ResultEvent, Settled, Stage, settle};
+use crate::mqtt::{Protocol, Session, SessionEvent, Will};
 use crate::spool::{DropReason, Dropped, Header, Spool};
 use crate::stats::{Stats, bump, now_ms};
 
@@ -63,6 +63,8 @@ pub struct LinkSettings {
     pub group: Option<String>,
     /// MQTT options (address, TLS, keep-alive).
     pub options: MqttOptions,
+    /// MQTT version: 5, 3.1.1, or 5 falling back to 3.1.1.
+    pub protocol: Protocol,
     /// MQTT 5 message expiry of escalations, seconds.
     pub message_expiry_s: u32,
     /// How long an escalation may wait for its verdict.
@@ -244,24 +246,15 @@ impl Link {
     }
 
     /// Hands queued messages to the client until its request queue is full.
-    fn flush(&mut self, client: &AsyncClient) {
+    fn flush(&mut self, session: &Session) {
         while let Some(out) = self.outbox.pop_front() {
-            let result = match &out.properties {
-                Some(p) => client.try_publish_with_properties(
-                    out.topic.clone(),
-                    QoS::AtLeastOnce,
-                    out.retain,
-                    out.payload.clone(),
-                    p.clone(),
-                ),
-                None => client.try_publish(
-                    out.topic.clone(),
-                    QoS::AtLeastOnce,
-                    out.retain,
-                    out.payload.clone(),
-                ),
-            };
-            if result.is_err() {
+            let queued = session.try_publish(
+                &out.topic,
+                out.retain,
+                out.payload.clone(),
+                out.properties.as_ref(),
+            );
+            if !queued {
                 // The client's queue is full: keep the message for the next turn.
                 self.outbox.push_front(out);
                 return;
@@ -394,16 +387,12 @@ pub async fn run(
     stats: Arc<Stats>,
     shutdown: CancellationToken,
 ) {
-    let mut options = settings.options.clone();
     let offline = encode(&Message::DeviceStatus(settings.offline_status.clone()));
-    options.set_last_will(LastWill::new(
-        topic(&settings, Channel::Status),
-        offline.clone(),
-        QoS::AtLeastOnce,
-        true,
-        None,
-    ));
-    let (client, mut eventloop): (AsyncClient, EventLoop) = AsyncClient::new(options, 256);
+    let will = Will {
+        topic: topic(&settings, Channel::Status),
+        payload: offline.clone(),
+    };
+    let mut session = Session::new(settings.protocol, settings.options.clone(), Some(will), 256);
     let mut link = Link {
         settings,
         spool,
@@ -422,7 +411,7 @@ pub async fn run(
         tokio::time::interval(link.settings.retry_after.max(Duration::from_millis(200)) / 2);
     let mut connected = false;
     loop {
-        link.flush(&client);
+        link.flush(&session);
         tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(command) = commands.recv(), if link.outbox.len() < 1024 => link.command(command).await,
@@ -434,32 +423,32 @@ pub async fn run(
                     Err(e) => tracing::error!(error = %e, "cannot expire spool entries"),
                 }
             }
-            event = eventloop.poll() => match event {
-                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+            event = session.poll() => match event {
+                SessionEvent::Connected { session_present, version } => {
                     backoff.reset();
                     connected = true;
-                    tracing::info!(session_present = ack.session_present, "connected to the broker");
+                    tracing::info!(session_present, mqtt = version.name(), "connected to the broker");
                     // Resubscribe when the broker kept no session. Also on this process's first
                     // connection: some brokers (rumqttd) report a session for a client they never saw.
-                    if first_session || !ack.session_present {
+                    if first_session || !session_present {
                         for t in &subscriptions {
-                            if let Err(e) = client.try_subscribe(t.clone(), QoS::AtLeastOnce) {
-                                tracing::error!(error = %e, topic = %t, "cannot subscribe");
+                            if !session.try_subscribe(t) {
+                                tracing::error!(topic = %t, "cannot subscribe: client queue full");
                             }
                         }
                     }
                     // A new process or a session the broker lost: nothing in flight survived.
-                    if first_session || !ack.session_present {
+                    if first_session || !session_present {
                         link.replay();
                     }
                     first_session = false;
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let topic_name = String::from_utf8_lossy(&p.topic).into_owned();
-                    link.incoming(&topic_name, &p.payload).await;
+                SessionEvent::Message { topic, payload, .. } => {
+                    let topic_name = String::from_utf8_lossy(&topic).into_owned();
+                    link.incoming(&topic_name, &payload).await;
                 }
-                Ok(_) => {}
-                Err(e) => {
+                SessionEvent::Disconnected | SessionEvent::Other => {}
+                SessionEvent::Lost(e) => {
                     connected = false;
                     bump(&link.stats.disconnects);
                     metrics::counter!("cascade_agent_disconnects_total").increment(1);
@@ -474,21 +463,16 @@ pub async fn run(
         }
     }
     // Leave cleanly: say we are offline (the will is only sent on an unclean loss) and disconnect.
-    let _ = client.try_publish(
-        topic(&link.settings, Channel::Status),
-        QoS::AtLeastOnce,
-        true,
-        offline,
-    );
-    let _ = client.try_disconnect();
+    session.try_publish(&topic(&link.settings, Channel::Status), true, offline, None);
+    session.try_disconnect();
     let deadline = tokio::time::sleep(Duration::from_secs(2));
     tokio::pin!(deadline);
     loop {
         tokio::select! {
             _ = &mut deadline => break,
-            event = eventloop.poll() => match event {
-                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
-                Ok(_) => {}
+            event = session.poll() => match event {
+                SessionEvent::Disconnected | SessionEvent::Lost(_) => break,
+                _ => {}
             },
         }
     }
