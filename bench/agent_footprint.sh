@@ -6,17 +6,21 @@
 #
 #   bench/agent_footprint.sh
 #   MODEL=models/digits-edge.f32.onnx bench/agent_footprint.sh
+#   AGENT=target/release/edge-agent bench/agent_footprint.sh    # no rebuild, x86-64 only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MODEL=${MODEL:-models/digits-edge.int8.tflite}
 
-echo "building edge-agent (release)" >&2
-cargo build --release --quiet -p edge-agent
-AGENT=target/release/edge-agent
+# AGENT=path skips the build (and the aarch64 one) and measures that binary.
 size() { stat -c %s "$1" | awk '{printf "%.1f MiB (%d bytes)", $1/1048576, $1}'; }
-echo "binary x86-64   $(size $AGENT)"
-if command -v aarch64-linux-gnu-gcc >/dev/null; then
+if [ -z "${AGENT:-}" ]; then
+  echo "building edge-agent (release)" >&2
+  cargo build --release --quiet -p edge-agent
+  AGENT=target/release/edge-agent
+fi
+echo "binary x86-64   $(size "$AGENT")"
+if [ "$AGENT" = target/release/edge-agent ] && command -v aarch64-linux-gnu-gcc >/dev/null; then
   cargo build --release --quiet -p edge-agent --target aarch64-unknown-linux-gnu
   echo "binary aarch64  $(size target/aarch64-unknown-linux-gnu/release/edge-agent)"
 fi
@@ -43,6 +47,7 @@ RUST_LOG=warn "$AGENT" run --config "$dir/agent.toml" < "$dir/inputs" &
 agent=$!
 exec 3> "$dir/inputs"
 trap 'exec 3>&-; kill $agent $broker 2>/dev/null; rm -rf "$dir"' EXIT
+for _ in $(seq 50); do (exec 9<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 # Connected: its retained online status is on the broker.
 timeout 20 mosquitto_sub -p "$port" -t 'cascade/v1/default/footprint/status' -C 1 >/dev/null
 rss() { awk -v k="$1:" '$1 == k {printf "%.1f MiB", $2/1024}' "/proc/$agent/status"; }

@@ -54,6 +54,9 @@ pub struct EscalatorConfig {
     /// Prometheus metrics endpoint.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Over-the-air model updates (served when `ota.registry` is set).
+    #[serde(default)]
+    pub ota: crate::ota::OtaConfig,
 }
 
 fn default_fleet() -> String {

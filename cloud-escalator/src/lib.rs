@@ -10,6 +10,8 @@
 //! - [`batcher`]: the dynamic batcher. Pure.
 //! - [`broker`]: the embedded MQTT 5 broker (rumqttd).
 //! - [`store`]: the hard-example store (SQLite) and its `.npy` export.
+//! - [`registry`]: published model versions and their signed OTA manifests, on disk.
+//! - [`ota`]: serves OTA manifests and chunks to devices over MQTT.
 //! - [`codec`]: converts between the wire encoding (postcard) and integration JSON, for people
 //!   connecting their own MQTT systems to a Cascade fleet.
 
@@ -17,5 +19,7 @@ pub mod batcher;
 pub mod broker;
 pub mod codec;
 pub mod config;
+pub mod ota;
+pub mod registry;
 pub mod service;
 pub mod store;

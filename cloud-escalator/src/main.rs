@@ -83,6 +83,12 @@ enum Command {
     /// The hard-example store: statistics and export for retraining.
     #[command(subcommand)]
     Examples(ExamplesCommand),
+    /// Edge-model versions for over-the-air updates: signing keys, publishing, rollout steps.
+    ///
+    /// A running escalator with `[ota] registry = DIR` offers each device the newest version of
+    /// its model whose target includes it (docs/ota.md).
+    #[command(subcommand)]
+    Models(ModelsCommand),
     /// Read and write Cascade messages: postcard wire format ⇄ integration JSON.
     ///
     /// For connecting other MQTT systems to a fleet: decode a payload captured with
@@ -90,6 +96,80 @@ enum Command {
     /// The formats are described in docs/protocol.md.
     #[command(subcommand)]
     Codec(CodecCommand),
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Create a fleet signing key (hex, readable by its owner only) and print its public half,
+    /// which agents pin in `trusted_keys`. Never overwrites a file.
+    Keygen {
+        /// Where to write the secret key.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Publish a model file (and its `<file>.toml` sidecar) as a new, immutable version.
+    #[command(disable_version_flag = true)]
+    Publish {
+        /// The registry directory.
+        #[arg(long, default_value = "registry")]
+        registry: PathBuf,
+        /// The model file.
+        #[arg(long)]
+        model: PathBuf,
+        /// Model name (the name devices run; the sidecar is stamped with it).
+        #[arg(long)]
+        name: String,
+        /// Version, MAJOR.MINOR.PATCH; devices only move to higher versions.
+        #[arg(long)]
+        version: String,
+        /// Signing key from `models keygen`.
+        #[arg(long)]
+        key: PathBuf,
+        /// Which devices: all, group:NAME, devices:A,B,... or canary:PERCENT[@GROUP].
+        #[arg(long, default_value = "canary:5")]
+        target: String,
+        /// Bytes per chunk on the wire.
+        #[arg(long, default_value_t = cloud_escalator::registry::DEFAULT_CHUNK_SIZE)]
+        chunk_size: u32,
+    },
+    /// Widen (or narrow) a published version's target: the next rollout step, re-signed.
+    #[command(disable_version_flag = true)]
+    Rollout {
+        /// The registry directory.
+        #[arg(long, default_value = "registry")]
+        registry: PathBuf,
+        /// Model name.
+        #[arg(long)]
+        name: String,
+        /// Version.
+        #[arg(long)]
+        version: String,
+        /// Signing key.
+        #[arg(long)]
+        key: PathBuf,
+        /// The new target (see `publish`).
+        #[arg(long)]
+        target: String,
+    },
+    /// List published versions.
+    List {
+        /// The registry directory.
+        #[arg(long, default_value = "registry")]
+        registry: PathBuf,
+    },
+    /// Print a version's signed manifest as JSON.
+    #[command(disable_version_flag = true)]
+    Show {
+        /// The registry directory.
+        #[arg(long, default_value = "registry")]
+        registry: PathBuf,
+        /// Model name.
+        #[arg(long)]
+        name: String,
+        /// Version.
+        #[arg(long)]
+        version: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -281,11 +361,112 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let n = store.export(&model, &dir, disagreements_only)?;
             writeln!(out, "{n} examples written to {}", dir.display())?;
         }
+        Command::Models(command) => models(command, &mut out)?,
         Command::Demo { .. } | Command::Serve { .. } | Command::Perf(_) => {
             unreachable!("handled in main")
         }
     }
     out.flush()?;
+    Ok(())
+}
+
+fn models(command: ModelsCommand, out: &mut impl Write) -> anyhow::Result<()> {
+    use cloud_escalator::registry::{Registry, key_id, keygen, load_key, parse_target};
+    let version = |v: &str| {
+        v.parse::<cascade_proto::model::Version>()
+            .map_err(|e| anyhow::anyhow!("version {v:?}: {e}"))
+    };
+    match command {
+        ModelsCommand::Keygen { out: path } => {
+            let key = keygen(&path)?;
+            writeln!(
+                out,
+                "secret key written to {} (keep it off devices)",
+                path.display()
+            )?;
+            writeln!(
+                out,
+                "public key {} (id {}): add it to the agents' trusted_keys",
+                ::hex::encode(key.verifying_key().as_bytes()),
+                key_id(&key)
+            )?;
+        }
+        ModelsCommand::Publish {
+            registry,
+            model,
+            name,
+            version: v,
+            key,
+            target,
+            chunk_size,
+        } => {
+            let registry = Registry::open(&registry)?;
+            let target = parse_target(&target, &name)?;
+            let signed = registry.publish(
+                &model,
+                &name,
+                version(&v)?,
+                target,
+                &load_key(&key)?,
+                chunk_size,
+            )?;
+            let m = &signed.content;
+            writeln!(
+                out,
+                "published {} ({} bytes, {} chunks, sha256 {}) for {:?}, signed by key {}",
+                m.model,
+                m.full.size,
+                m.full.chunk_count(),
+                ::hex::encode(m.full.sha256),
+                m.target,
+                signed.key_id
+            )?;
+        }
+        ModelsCommand::Rollout {
+            registry,
+            name,
+            version: v,
+            key,
+            target,
+        } => {
+            let registry = Registry::open(&registry)?;
+            let target = parse_target(&target, &name)?;
+            let signed = registry.rollout(&name, version(&v)?, target, &load_key(&key)?)?;
+            writeln!(
+                out,
+                "{} now targets {:?}",
+                signed.content.model, signed.content.target
+            )?;
+        }
+        ModelsCommand::List { registry } => {
+            let registry = Registry::open(&registry)?;
+            writeln!(
+                out,
+                "{:<24} {:<10} {:>10} {:<18} target",
+                "model", "version", "bytes", "key"
+            )?;
+            for e in registry.list()? {
+                let m = &e.manifest.content;
+                writeln!(
+                    out,
+                    "{:<24} {:<10} {:>10} {:<18} {:?}",
+                    m.model.name,
+                    m.model.version.to_string(),
+                    m.full.size,
+                    e.manifest.key_id.to_string(),
+                    m.target
+                )?;
+            }
+        }
+        ModelsCommand::Show {
+            registry,
+            name,
+            version: v,
+        } => {
+            let entry = Registry::open(&registry)?.get(&name, version(&v)?)?;
+            writeln!(out, "{}", serde_json::to_string_pretty(&entry.manifest)?)?;
+        }
+    }
     Ok(())
 }
 

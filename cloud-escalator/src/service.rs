@@ -62,6 +62,9 @@ pub enum ServiceError {
     /// The store did not open.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// The OTA model registry could not be opened.
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
     /// TLS settings.
     #[error(transparent)]
     Tls(#[from] edge_agent::connection::TlsError),
@@ -115,6 +118,8 @@ impl ServiceStats {
 pub struct EscalatorHandle {
     /// Counters.
     pub stats: Arc<ServiceStats>,
+    /// What the OTA server did (empty without `ota.registry`).
+    pub ota: Arc<crate::ota::OtaStats>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -408,6 +413,30 @@ pub async fn start(
         }
     });
 
+    let ota_stats = Arc::new(crate::ota::OtaStats::default());
+    if let Some(dir) = &config.ota.registry {
+        let registry = crate::registry::Registry::open(dir)?;
+        let mut options = mqtt_options(
+            &format!("{}-ota", config.broker.client_id),
+            &host,
+            port,
+            Duration::from_secs(30),
+            tls.clone(),
+            crate::broker::MAX_PACKET,
+        );
+        options.set_clean_start(true);
+        options.set_session_expiry_interval(None);
+        let session = Session::new(config.broker.protocol, options, None, 1024);
+        tracker.spawn(crate::ota::run(
+            registry,
+            config.fleet.clone(),
+            config.ota.clone(),
+            session,
+            ota_stats.clone(),
+            shutdown.clone(),
+        ));
+    }
+
     let mut options = mqtt_options(
         &config.broker.client_id,
         &host,
@@ -421,6 +450,8 @@ pub async fn start(
     options.set_session_expiry_interval(None);
     options.set_manual_acks(true);
     options.set_request_channel_capacity(4096);
+    // Verdicts go out in bursts of whole batches.
+    options.set_outgoing_inflight_upper_limit(1024);
     let session = Session::new(config.broker.protocol, options, None, 4096);
     let consumer = Consumer {
         acks: VecDeque::new(),
@@ -460,6 +491,7 @@ pub async fn start(
     tracker.spawn(consumer.run(done_rx, shutdown.clone()));
     Ok(EscalatorHandle {
         stats,
+        ota: ota_stats,
         tracker,
         shutdown,
     })

@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -73,6 +73,11 @@ pub enum AgentError {
 pub struct AgentHandle {
     /// Feed inputs here (in addition to the configured sources).
     pub inputs: mpsc::Sender<InputItem>,
+    /// The model serving, as its sidecar names it.
+    pub model_ref: ModelRef,
+    /// Becomes `Some(path)` when an OTA update was activated: restart the agent (stop, then
+    /// start with the same configuration) to serve it.
+    pub activated: watch::Receiver<Option<PathBuf>>,
     /// The model's inputs and outputs.
     pub model: Arc<ModelInfo>,
     /// The agent's counters.
@@ -109,18 +114,41 @@ struct Loaded {
     model_ref: ModelRef,
 }
 
-fn load_model(config: &AgentConfig) -> Result<Loaded, AgentError> {
-    let options = LoadOptions {
+fn load_options(config: &AgentConfig) -> Result<LoadOptions, AgentError> {
+    Ok(LoadOptions {
         backend: config.model.backend.parse().map_err(ConfigError::Invalid)?,
         threads: config.model.threads,
         ..LoadOptions::default()
-    };
-    let model: Arc<dyn Model> = Arc::from(load_path(&config.model.path, &options)?);
-    let metadata = match Metadata::for_model(&config.model.path) {
+    })
+}
+
+/// Loads the model an OTA update activated, if there is one and it loads, else the configured
+/// one: the agent always serves something.
+fn load_serving_model(config: &AgentConfig) -> Result<(Loaded, PathBuf), AgentError> {
+    if let Some(active) = crate::ota::active_model(&config.state_dir) {
+        match load_model(config, &active.path) {
+            Ok(loaded) => return Ok((loaded, active.path)),
+            Err(e) => tracing::error!(
+                model = %active.model,
+                error = %e,
+                "the activated model update does not load; serving the configured model"
+            ),
+        }
+    }
+    Ok((
+        load_model(config, &config.model.path)?,
+        config.model.path.clone(),
+    ))
+}
+
+fn load_model(config: &AgentConfig, path: &Path) -> Result<Loaded, AgentError> {
+    let options = load_options(config)?;
+    let model: Arc<dyn Model> = Arc::from(load_path(path, &options)?);
+    let metadata = match Metadata::for_model(path) {
         Ok(m) => {
             m.check_against(model.info())
                 .map_err(|detail| InferError::Metadata {
-                    path: Metadata::sidecar_path(&config.model.path),
+                    path: Metadata::sidecar_path(path),
                     detail,
                 })?;
             Some(Arc::new(m))
@@ -138,9 +166,7 @@ fn load_model(config: &AgentConfig) -> Result<Loaded, AgentError> {
             )
         }
         None => {
-            let stem = config
-                .model
-                .path
+            let stem = path
                 .file_stem()
                 .map_or("model".into(), |s| s.to_string_lossy().into_owned());
             let name: String = stem
@@ -172,7 +198,7 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<AgentHandle, AgentError> {
     config.validate()?;
-    let loaded = load_model(&config)?;
+    let (loaded, model_path) = load_serving_model(&config)?;
     let state_error = |error: std::io::Error| AgentError::State {
         path: config.state_dir.display().to_string(),
         error,
@@ -258,9 +284,30 @@ pub async fn start(
             max_message_bytes: config.mqtt.max_message_bytes,
         },
     };
+    let (activated_tx, activated_rx) = watch::channel::<Option<PathBuf>>(None);
+    let ota_tx = if config.ota.enabled && !keyring.is_empty() {
+        let (ota_tx, ota_rx) = mpsc::channel(256);
+        let updater = crate::ota::Updater::new(
+            config.device.clone(),
+            config.group.clone(),
+            keyring.clone(),
+            config.ota.clone(),
+            load_options(&config)?,
+            config.state_dir.clone(),
+            loaded.model_ref.clone(),
+            model_path.clone(),
+            link_tx.clone(),
+            activated_tx,
+        );
+        tracker.spawn(updater.run(ota_rx, shutdown.clone()));
+        Some(ota_tx)
+    } else {
+        None
+    };
     let outputs = LinkOutputs {
         results: cloud_tx,
         policies: policy_tx,
+        ota: ota_tx,
     };
     if !corrupt.is_empty() {
         stats
@@ -357,6 +404,8 @@ pub async fn start(
     tracing::info!(device = %config.device, model = %loaded.model_ref, backend = info.backend, "agent started");
     Ok(AgentHandle {
         inputs: input_tx,
+        model_ref: loaded.model_ref.clone(),
+        activated: activated_rx,
         model: info,
         stats,
         results: Some(handle_rx),
@@ -658,7 +707,7 @@ async fn fan_out(
     mut edge: mpsc::Receiver<Outcome>,
     mut cloud: mpsc::Receiver<ResultEvent>,
     handle: mpsc::Sender<ResultEvent>,
-    jsonl: Option<std::path::PathBuf>,
+    jsonl: Option<PathBuf>,
     shutdown: CancellationToken,
 ) {
     let mut file = jsonl.as_deref().and_then(|p: &Path| {

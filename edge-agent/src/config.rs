@@ -74,6 +74,9 @@ pub struct AgentConfig {
     /// Public keys (hex) trusted to sign policy and model updates.
     #[serde(default)]
     pub trusted_keys: Vec<String>,
+    /// Over-the-air model updates (docs/ota.md).
+    #[serde(default)]
+    pub ota: crate::ota::OtaConfig,
 }
 
 fn default_fleet() -> String {

@@ -74,6 +74,9 @@ pub fn tls_config(
     })
 }
 
+/// QoS 1 publishes in flight (sent, not yet acknowledged) per client, by default.
+pub const DEFAULT_INFLIGHT: u16 = 128;
+
 /// MQTT 5 options with Cascade's defaults: TCP_NODELAY (Nagle's algorithm costs ~40 ms per
 /// request/response round trip), the given keep-alive, a persistent session (so the broker queues
 /// QoS 1 messages while the client is away), and TLS when `tls` is given.
@@ -91,6 +94,9 @@ pub fn mqtt_options(
     options.set_session_expiry_interval(Some(3600));
     let max = u32::try_from(max_packet).unwrap_or(u32::MAX);
     options.set_max_packet_size(Some(max));
+    // rumqttc preallocates a slot per possible in-flight publish; unbounded, that is the broker's
+    // receive maximum (65535) slots, 13 MiB per client (measured: agent RSS 27 MiB → 13 MiB).
+    options.set_outgoing_inflight_upper_limit(DEFAULT_INFLIGHT);
     let mut network = NetworkOptions::new();
     network.set_tcp_nodelay(true);
     network.set_connection_timeout(10);

@@ -18,6 +18,8 @@
 //! - [`link`]: the MQTT connection to the fleet broker (escalations out; verdicts, policy in).
 //! - [`connection`]: MQTT and TLS settings shared by every client.
 //! - [`mqtt`]: one MQTT session, version 5 or 3.1.1 (falling back when the broker lacks 5).
+//! - [`ota`]: over-the-air model updates: signed manifests, resumable chunked download, atomic
+//!   switch.
 //! - [`stats`]: counters and telemetry windows.
 //! - [`sensor`]: decodes the firmware → agent frame stream into readings and model-input windows.
 //!
@@ -35,6 +37,7 @@ pub mod infer_files;
 pub mod input;
 pub mod link;
 pub mod mqtt;
+pub mod ota;
 pub mod policy;
 pub mod privacy;
 pub mod sensor;

@@ -24,6 +24,7 @@ use uuid::Uuid;
 use crate::connection::Backoff;
 use crate::input::{ResultEvent, Settled, Stage, settle};
 use crate::mqtt::{Protocol, Session, SessionEvent, Will};
+use crate::ota::OtaInbound;
 use crate::spool::{DropReason, Dropped, Header, Spool};
 use crate::stats::{Stats, bump, now_ms};
 
@@ -84,6 +85,8 @@ pub struct LinkOutputs {
     pub results: mpsc::Sender<ResultEvent>,
     /// Newer signed policies, verified.
     pub policies: watch::Sender<Option<Policy>>,
+    /// OTA manifests and chunks, for the updater (none: updates off).
+    pub ota: Option<mpsc::Sender<OtaInbound>>,
 }
 
 fn topic(settings: &LinkSettings, channel: Channel) -> String {
@@ -312,6 +315,17 @@ impl Link {
                     }
                 }
             }
+            (Channel::OtaManifest, Message::OtaManifest(m)) => {
+                if let Some(ota) = &self.outputs.ota {
+                    let _ = ota.send(OtaInbound::Manifest(Box::new(m))).await;
+                }
+            }
+            (Channel::OtaChunk, Message::OtaChunk(c)) => {
+                // A full queue drops the chunk; the updater asks for it again.
+                if let Some(ota) = &self.outputs.ota {
+                    let _ = ota.try_send(OtaInbound::Chunk(c));
+                }
+            }
             (channel, m) => {
                 tracing::debug!(%channel, kind = %m.kind(), "message not handled by this agent");
             }
@@ -403,7 +417,13 @@ pub async fn run(
         outbox: Default::default(),
         last_sent: Default::default(),
     };
-    let subscriptions = [Channel::Verdict, Channel::Policy].map(|c| topic(&link.settings, c));
+    let mut subscriptions: Vec<String> = [Channel::Verdict, Channel::Policy]
+        .map(|c| topic(&link.settings, c))
+        .into();
+    if link.outputs.ota.is_some() {
+        subscriptions
+            .extend([Channel::OtaManifest, Channel::OtaChunk].map(|c| topic(&link.settings, c)));
+    }
     let mut backoff = Backoff::default();
     let mut first_session = true;
     let mut expiry = tokio::time::interval(Duration::from_secs(10));

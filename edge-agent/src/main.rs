@@ -300,17 +300,27 @@ fn agent_config(
 }
 
 async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
-    let shutdown = CancellationToken::new();
-    let handle = edge_agent::agent::start(config, shutdown.clone()).await?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
-        _ = terminate.recv() => tracing::info!("terminated"),
+    loop {
+        let shutdown = CancellationToken::new();
+        let mut handle = edge_agent::agent::start(config.clone(), shutdown.clone()).await?;
+        let restart = tokio::select! {
+            _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted"); false }
+            _ = terminate.recv() => { tracing::info!("terminated"); false }
+            // An OTA update was verified and activated: restart the pipeline on it. Inputs in
+            // flight finish on the old model; the spool and the sources' state carry over.
+            Ok(()) = handle.activated.changed() => {
+                tracing::info!("model update activated; restarting on it");
+                true
+            }
+        };
+        if !handle.stop(std::time::Duration::from_secs(10)).await {
+            tracing::warn!("some tasks did not stop within 10 s");
+        }
+        if !restart {
+            return Ok(());
+        }
     }
-    if !handle.stop(std::time::Duration::from_secs(10)).await {
-        tracing::warn!("some tasks did not stop within 10 s");
-    }
-    Ok(())
 }
 
 fn main() -> ExitCode {

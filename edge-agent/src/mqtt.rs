@@ -154,6 +154,11 @@ impl Session {
         v311.set_max_packet_size(max, max);
         v311.set_transport(v5_options.transport());
         v311.set_manual_acks(v5_options.manual_acks());
+        v311.set_inflight(
+            v5_options
+                .get_outgoing_inflight_upper_limit()
+                .unwrap_or(crate::connection::DEFAULT_INFLIGHT),
+        );
         v311.set_request_channel_capacity(v5_options.request_channel_capacity());
         if let Some(will) = will {
             v5_options.set_last_will(v5::mqttbytes::v5::LastWill::new(

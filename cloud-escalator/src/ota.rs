@@ -1,0 +1,263 @@
+//! Serves over-the-air model updates from the [registry](crate::registry) over MQTT.
+//!
+//! One task owns its own MQTT session (the escalation consumer's acknowledges manually and must
+//! not wait behind chunk traffic). It learns devices and the model each runs from their retained
+//! status, offers each device the newest registered version of that model as a retained, signed
+//! manifest on `cascade/v1/{fleet}/{device}/ota/manifest`, answers chunk requests on
+//! `.../ota/chunk`, and records what devices report on `.../ota/status`. Devices decide whether a
+//! manifest's target includes them and whether to install it (docs/ota.md); this side only serves.
+//! The registry is rescanned periodically, so `cloud-escalator models publish` and `models
+//! rollout` take effect on a running escalator.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use cascade_proto::model::ModelRef;
+use cascade_proto::ota::{ArtifactKind, Chunk, ChunkRequest, MAX_CHUNKS_PER_REQUEST, OtaStatus};
+use cascade_proto::topic::{Channel, DeviceTopic, Filter};
+use cascade_proto::{Limits, Message, decode, encode};
+use edge_agent::connection::Backoff;
+use edge_agent::mqtt::{Session, SessionEvent};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::registry::{Entry, Registry};
+
+/// `[ota]` in the escalator's configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtaConfig {
+    /// The registry to serve (`cloud-escalator models publish --registry`); no OTA when absent.
+    #[serde(default)]
+    pub registry: Option<PathBuf>,
+    /// How often the registry is rescanned, milliseconds.
+    #[serde(default = "default_rescan_ms")]
+    pub rescan_ms: u64,
+}
+
+fn default_rescan_ms() -> u64 {
+    2000
+}
+
+/// What the OTA server did, for tests and metrics.
+#[derive(Debug, Default)]
+pub struct OtaStats {
+    /// Manifests published (retained), all devices.
+    pub manifests: AtomicU64,
+    /// Chunks sent.
+    pub chunks: AtomicU64,
+    /// Chunk requests refused (unknown version, out of range).
+    pub refused: AtomicU64,
+    statuses: Mutex<HashMap<String, OtaStatus>>,
+}
+
+impl OtaStats {
+    /// The last status each device reported.
+    pub fn statuses(&self) -> HashMap<String, OtaStatus> {
+        self.statuses.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+}
+
+struct Server {
+    registry: Registry,
+    fleet: String,
+    limits: Limits,
+    /// Each known device's model name, from its status.
+    devices: HashMap<String, String>,
+    /// Newest version per model name.
+    latest: HashMap<String, Entry>,
+    /// What each device was last offered (version and issue time), to publish only changes.
+    offered: HashMap<String, (ModelRef, u64)>,
+    stats: std::sync::Arc<OtaStats>,
+}
+
+impl Server {
+    fn topic(&self, device: &str, channel: Channel) -> String {
+        DeviceTopic {
+            fleet: &self.fleet,
+            device,
+            channel,
+        }
+        .to_string()
+    }
+
+    fn rescan(&mut self) {
+        match self.registry.latest() {
+            Ok(entries) => {
+                self.latest = entries
+                    .into_iter()
+                    .map(|e| (e.manifest.content.model.name.clone(), e))
+                    .collect();
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read the model registry"),
+        }
+    }
+
+    /// Publishes the manifest each device should see, where it changed.
+    fn offer(&mut self, session: &Session) {
+        for (device, model) in &self.devices {
+            let Some(entry) = self.latest.get(model) else {
+                continue;
+            };
+            let m = &entry.manifest.content;
+            let offer = (m.model.clone(), m.issued_at_ms);
+            if self.offered.get(device) == Some(&offer) {
+                continue;
+            }
+            let bytes = encode(&Message::OtaManifest(entry.manifest.clone()));
+            if session.try_publish(&self.topic(device, Channel::OtaManifest), true, bytes, None) {
+                tracing::info!(%device, model = %m.model, target = ?m.target, "update offered");
+                self.stats.manifests.fetch_add(1, Ordering::Relaxed);
+                self.offered.insert(device.clone(), offer);
+            }
+        }
+    }
+
+    fn serve(&mut self, session: &Session, device: &str, request: ChunkRequest) {
+        let entry = match self
+            .registry
+            .get(&request.model.name, request.model.version)
+        {
+            Ok(entry) if request.artifact == ArtifactKind::Full => entry,
+            Ok(_) => {
+                self.refuse(device, &request, "deltas are not served by this escalator");
+                return;
+            }
+            Err(e) => {
+                self.refuse(device, &request, &e.to_string());
+                return;
+            }
+        };
+        let topic = self.topic(device, Channel::OtaChunk);
+        let count = request.count.min(MAX_CHUNKS_PER_REQUEST);
+        for index in request.first..request.first.saturating_add(u32::from(count)) {
+            let data = match self.registry.chunk(&entry, index) {
+                Ok(data) => data,
+                Err(e) => {
+                    self.refuse(device, &request, &e.to_string());
+                    return;
+                }
+            };
+            let bytes = encode(&Message::OtaChunk(Chunk {
+                model: request.model.clone(),
+                artifact: ArtifactKind::Full,
+                index,
+                data,
+            }));
+            // A full client queue: the device asks again for what did not come.
+            if !session.try_publish(&topic, false, bytes, None) {
+                tracing::debug!(%device, index, "chunk not queued; the device will ask again");
+                return;
+            }
+            self.stats.chunks.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn refuse(&self, device: &str, request: &ChunkRequest, why: &str) {
+        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%device, model = %request.model, first = request.first, why, "chunk request refused");
+    }
+
+    fn incoming(&mut self, session: &Session, topic: &[u8], payload: &[u8]) {
+        let topic = String::from_utf8_lossy(topic);
+        let Ok(parsed) = DeviceTopic::parse(&topic) else {
+            return;
+        };
+        let device = parsed.device.to_owned();
+        match (parsed.channel, decode(payload, &self.limits)) {
+            (Channel::Status, Ok(Message::DeviceStatus(status))) => {
+                if let Some(model) = status.model {
+                    self.devices.insert(device, model.name);
+                    self.offer(session);
+                }
+            }
+            (Channel::OtaRequest, Ok(Message::OtaChunkRequest(request))) => {
+                self.serve(session, &device, request);
+            }
+            (Channel::OtaStatus, Ok(Message::OtaStatus(status))) => {
+                tracing::info!(%device, model = %status.model, state = ?status.state, "device update status");
+                if let Ok(mut statuses) = self.stats.statuses.lock() {
+                    statuses.insert(device, status);
+                }
+            }
+            (channel, Err(e)) => {
+                tracing::warn!(%device, %channel, error = %e, "undecodable OTA traffic ignored");
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Runs the OTA server until `shutdown`.
+pub async fn run(
+    registry: Registry,
+    fleet: String,
+    config: OtaConfig,
+    mut session: Session,
+    stats: std::sync::Arc<OtaStats>,
+    shutdown: CancellationToken,
+) {
+    let mut server = Server {
+        registry,
+        fleet,
+        limits: Limits::default(),
+        devices: HashMap::new(),
+        latest: HashMap::new(),
+        offered: HashMap::new(),
+        stats,
+    };
+    server.rescan();
+    let filters: Vec<String> = [Channel::Status, Channel::OtaRequest, Channel::OtaStatus]
+        .into_iter()
+        .filter_map(|c| Filter::channel(&server.fleet, c).ok())
+        .map(|f| f.to_string())
+        .collect();
+    let mut rescan = tokio::time::interval(Duration::from_millis(config.rescan_ms.max(100)));
+    let mut backoff = Backoff::default();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = rescan.tick() => {
+                server.rescan();
+                server.offer(&session);
+            }
+            event = session.poll() => match event {
+                SessionEvent::Connected { .. } => {
+                    backoff.reset();
+                    for f in &filters {
+                        if !session.try_subscribe(f) {
+                            tracing::error!(filter = %f, "cannot subscribe: client queue full");
+                        }
+                    }
+                    // A new session: offer again (retained manifests survive, but a broker
+                    // restarted without persistence lost them).
+                    server.offered.clear();
+                    server.offer(&session);
+                }
+                SessionEvent::Message { topic, payload, .. } => {
+                    server.incoming(&session, &topic, &payload);
+                }
+                SessionEvent::Lost(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, "OTA server lost the broker");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                SessionEvent::Disconnected | SessionEvent::Other => {}
+            }
+        }
+    }
+    session.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while !matches!(
+            session.poll().await,
+            SessionEvent::Disconnected | SessionEvent::Lost(_)
+        ) {}
+    })
+    .await;
+}

@@ -1,0 +1,233 @@
+//! Over-the-air model updates end to end, over a private Mosquitto: a version is published to the
+//! registry, offered by the escalator, downloaded in verified chunks by the targeted agents, and
+//! served after a restart; bad updates (downgrade, unknown key, corrupted bytes) are refused and
+//! the running model stays.
+
+use std::path::Path;
+use std::time::Duration;
+
+use cascade_e2e::Mosquitto;
+use cascade_e2e::fixtures::{agent_toml, digits, escalator_toml, eventually, init_logs, model};
+use cascade_proto::model::Version;
+use cascade_proto::ota::OtaState;
+use cascade_proto::signing::SigningKey;
+use cloud_escalator::registry::{Registry, parse_target};
+use cloud_escalator::service::EscalatorHandle;
+use edge_agent::agent::AgentHandle;
+use edge_agent::config::AgentConfig;
+use edge_agent::input::{InputItem, Stage};
+use tokio_util::sync::CancellationToken;
+
+const CHUNK: u32 = 1024;
+
+fn agent_config(device: &str, broker: &str, state: &Path, key: &SigningKey) -> AgentConfig {
+    let text = format!(
+        "trusted_keys = [\"{}\"]\n{}\n[ota]\ntimeout_ms = 1000\nmax_bad_chunks = 2\n",
+        hex::encode(key.verifying_key().as_bytes()),
+        agent_toml(device, broker, state)
+    );
+    toml::from_str(&text).unwrap()
+}
+
+async fn escalator(broker: &str, state: &Path, registry: &Path) -> EscalatorHandle {
+    let text = format!(
+        "{}\n[ota]\nregistry = {registry:?}\nrescan_ms = 200\n",
+        escalator_toml(broker, "escalator-ota", &state.join("examples.db"))
+    );
+    cloud_escalator::service::start(toml::from_str(&text).unwrap(), CancellationToken::new())
+        .await
+        .expect("escalator starts")
+}
+
+async fn start(config: &AgentConfig) -> AgentHandle {
+    edge_agent::agent::start(config.clone(), CancellationToken::new())
+        .await
+        .expect("agent starts")
+}
+
+fn state_of(escalator: &EscalatorHandle, device: &str) -> Option<OtaState> {
+    escalator
+        .ota
+        .statuses()
+        .get(device)
+        .map(|s| s.state.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_model_rolls_out_to_a_canary_then_to_every_agent_which_serve_it() {
+    init_logs();
+    let broker = Mosquitto::start().expect("mosquitto");
+    let dir = tempfile::tempdir().unwrap();
+    let key = cloud_escalator::registry::keygen(&dir.path().join("fleet.key")).unwrap();
+    let registry = Registry::open(&dir.path().join("registry")).unwrap();
+    let escalator = escalator(&broker.url(), dir.path(), &dir.path().join("registry")).await;
+
+    let configs: Vec<AgentConfig> = ["ota-a", "ota-b"]
+        .iter()
+        .map(|d| agent_config(d, &broker.url(), &dir.path().join(d), &key))
+        .collect();
+    let mut a = start(&configs[0]).await;
+    let mut b = start(&configs[1]).await;
+    assert_eq!(a.model_ref.version, Version::new(1, 0, 0));
+
+    // The float edge model, published as digits-edge 2.0.0 for the canary device only.
+    let v2 = Version::new(2, 0, 0);
+    registry
+        .publish(
+            &model("digits-edge.f32.onnx"),
+            "digits-edge",
+            v2,
+            parse_target("devices:ota-a", "digits-edge").unwrap(),
+            &key,
+            CHUNK,
+        )
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), a.activated.changed())
+        .await
+        .expect("the canary activates the update within 30 s")
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || state_of(&escalator, "ota-a")
+            == Some(OtaState::Activated))
+        .await,
+        "the escalator saw the canary report it: {:?}",
+        state_of(&escalator, "ota-a")
+    );
+    assert!(b.activated.borrow().is_none(), "ota-b is not in the canary");
+
+    // Restarted, the canary serves 2.0.0 (and answers inputs with it).
+    assert!(a.stop(Duration::from_secs(5)).await);
+    let mut a = start(&configs[0]).await;
+    assert_eq!(a.model_ref.version, v2);
+    let mut results = a.take_results().unwrap();
+    a.inputs
+        .send(InputItem::new("after-update", vec![digits(1).remove(0)]))
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), results.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.stage, Stage::Edge);
+
+    // The next step: everyone.
+    registry
+        .rollout(
+            "digits-edge",
+            v2,
+            parse_target("all", "digits-edge").unwrap(),
+            &key,
+        )
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), b.activated.changed())
+        .await
+        .expect("the rest of the fleet activates the update")
+        .unwrap();
+    assert!(b.stop(Duration::from_secs(5)).await);
+    let b = start(&configs[1]).await;
+    assert_eq!(b.model_ref.version, v2);
+    // The canary, already on 2.0.0, did not download it again.
+    assert!(a.activated.borrow().is_none());
+
+    assert!(a.stop(Duration::from_secs(5)).await);
+    assert!(b.stop(Duration::from_secs(5)).await);
+    assert!(escalator.stop(Duration::from_secs(5)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downgrades_unknown_keys_and_corrupted_bytes_are_refused_and_the_model_stays() {
+    init_logs();
+    let broker = Mosquitto::start().expect("mosquitto");
+    let dir = tempfile::tempdir().unwrap();
+    let key = SigningKey::from_bytes(&[1; 32]);
+    let stranger = SigningKey::from_bytes(&[2; 32]);
+    let registry = Registry::open(&dir.path().join("registry")).unwrap();
+    let escalator = escalator(&broker.url(), dir.path(), &dir.path().join("registry")).await;
+    let config = agent_config("ota-c", &broker.url(), &dir.path().join("agent"), &key);
+    let agent = start(&config).await;
+    let float_model = model("digits-edge.f32.onnx");
+
+    let failed_with = |expected: &'static str| {
+        let escalator = &escalator;
+        move || {
+            matches!(state_of(escalator, "ota-c"),
+                Some(OtaState::Failed { reason }) if reason.contains(expected))
+        }
+    };
+
+    // An older version (a replayed manifest would look the same): refused.
+    registry
+        .publish(
+            &float_model,
+            "digits-edge",
+            Version::new(0, 9, 0),
+            parse_target("all", "m").unwrap(),
+            &key,
+            CHUNK,
+        )
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), failed_with("downgrade refused")).await,
+        "{:?}",
+        state_of(&escalator, "ota-c")
+    );
+
+    // Signed by a key the device does not trust: refused.
+    registry
+        .publish(
+            &float_model,
+            "digits-edge",
+            Version::new(3, 0, 0),
+            parse_target("all", "m").unwrap(),
+            &stranger,
+            CHUNK,
+        )
+        .unwrap();
+    assert!(
+        eventually(
+            Duration::from_secs(20),
+            failed_with("not among the pinned fleet keys")
+        )
+        .await,
+        "{:?}",
+        state_of(&escalator, "ota-c")
+    );
+
+    // Properly signed, but the file changed after signing: every chunk's hash fails.
+    registry
+        .publish(
+            &float_model,
+            "digits-edge",
+            Version::new(4, 0, 0),
+            parse_target("all", "m").unwrap(),
+            &key,
+            CHUNK,
+        )
+        .unwrap();
+    let stored = dir.path().join("registry/digits-edge/4.0.0/model");
+    let mut bytes = std::fs::read(&stored).unwrap();
+    for b in bytes.iter_mut().step_by(CHUNK as usize) {
+        *b ^= 0xFF;
+    }
+    std::fs::write(&stored, bytes).unwrap();
+    assert!(
+        eventually(
+            Duration::from_secs(30),
+            failed_with("did not match the signed manifest")
+        )
+        .await,
+        "{:?}",
+        state_of(&escalator, "ota-c")
+    );
+
+    assert!(agent.activated.borrow().is_none(), "nothing was activated");
+    assert!(
+        !dir.path().join("agent/models/active.toml").exists(),
+        "the running model stays"
+    );
+    assert!(agent.stop(Duration::from_secs(5)).await);
+    let again = start(&config).await;
+    assert_eq!(again.model_ref.version, Version::new(1, 0, 0));
+    assert!(again.stop(Duration::from_secs(5)).await);
+    assert!(escalator.stop(Duration::from_secs(5)).await);
+}
