@@ -298,6 +298,7 @@ pub async fn start(
             model_path.clone(),
             link_tx.clone(),
             activated_tx,
+            stats.clone(),
         );
         tracker.spawn(updater.run(ota_rx, shutdown.clone()));
         Some(ota_tx)

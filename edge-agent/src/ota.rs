@@ -21,13 +21,18 @@
 //! A chunk whose hash differs from the manifest's is dropped and asked for again; after
 //! `ota.max_bad_chunks` such chunks the update fails and the running model stays.
 //!
-//! Not done here: deltas, and the health watch with automatic rollback (docs/ota.md).
+//! After a switch, a health watch ([`judge`]) compares the new version's failed inferences and
+//! escalation rate with bounds and with the previous version's rate; failing, it restores the
+//! previous version, never installs the failing one again, and reports `rolled_back`.
+//!
+//! Not done here: deltas (docs/ota.md).
 
 use std::collections::{BTreeSet, HashSet};
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use cascade_infer::metadata::Metadata;
@@ -45,7 +50,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::link::LinkCommand;
-use crate::stats::now_ms;
+use crate::stats::{Stats, now_ms};
 
 /// `[ota]` in the agent's configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -66,6 +71,19 @@ pub struct OtaConfig {
     /// Chunks failing their hash before the update is abandoned.
     #[serde(default = "default_max_bad_chunks")]
     pub max_bad_chunks: u32,
+    /// After switching to a new version, watch its health this long, seconds.
+    #[serde(default = "default_health_window_s")]
+    pub health_window_s: u64,
+    /// Roll back when the new version escalates more than this many times the previous
+    /// version's rate (measured over at least `health_min_inputs` inputs each).
+    #[serde(default = "default_max_escalation_factor")]
+    pub max_escalation_factor: f64,
+    /// Inputs needed before the escalation rate is judged.
+    #[serde(default = "default_health_min_inputs")]
+    pub health_min_inputs: u64,
+    /// Roll back after this many failed inferences within the window.
+    #[serde(default = "default_max_errors")]
+    pub max_errors: u64,
 }
 
 impl Default for OtaConfig {
@@ -76,6 +94,10 @@ impl Default for OtaConfig {
             window: default_window(),
             timeout_ms: default_timeout_ms(),
             max_bad_chunks: default_max_bad_chunks(),
+            health_window_s: default_health_window_s(),
+            max_escalation_factor: default_max_escalation_factor(),
+            health_min_inputs: default_health_min_inputs(),
+            max_errors: default_max_errors(),
         }
     }
 }
@@ -95,6 +117,18 @@ fn default_timeout_ms() -> u64 {
 fn default_max_bad_chunks() -> u32 {
     8
 }
+fn default_health_window_s() -> u64 {
+    300
+}
+fn default_max_escalation_factor() -> f64 {
+    2.0
+}
+fn default_health_min_inputs() -> u64 {
+    50
+}
+fn default_max_errors() -> u64 {
+    10
+}
 
 /// OTA traffic the link hands over.
 #[derive(Debug)]
@@ -106,14 +140,60 @@ pub enum OtaInbound {
 }
 
 /// Which installed version serves (`<state_dir>/models/active.toml`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Active {
     /// The model file; its sidecar is beside it.
     pub path: PathBuf,
     /// `name@version`.
     pub model: String,
-    /// What served before, to go back to by hand (`None`: the configured model).
+    /// What served before, restored on a rollback (`None`: the configured model).
     pub previous: Option<PathBuf>,
+    /// Until when (Unix ms) the health watch may still roll this version back.
+    #[serde(default)]
+    pub probation_until_ms: Option<u64>,
+    /// The previous version's escalation rate, when it had seen enough inputs to tell.
+    #[serde(default)]
+    pub baseline_escalation_rate: Option<f64>,
+}
+
+/// What the health watch concludes from the counters since the switch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Health {
+    /// Keep watching.
+    Watching,
+    /// Roll back, for this reason.
+    Failing(String),
+}
+
+/// Judges a freshly activated version from its counters (pure).
+pub fn judge(
+    config: &OtaConfig,
+    baseline_rate: Option<f64>,
+    inputs: u64,
+    escalations: u64,
+    errors: u64,
+) -> Health {
+    if errors >= config.max_errors.max(1) {
+        return Health::Failing(format!(
+            "{errors} failed inferences within the health window (bound {})",
+            config.max_errors
+        ));
+    }
+    if let Some(baseline) = baseline_rate
+        && inputs >= config.health_min_inputs.max(1)
+    {
+        let rate = escalations as f64 / inputs as f64;
+        // A floor under the baseline: a model that escalated almost nothing may go to a few
+        // percent without it being a regression worth a rollback.
+        let bound = config.max_escalation_factor * baseline.max(0.02);
+        if rate > bound {
+            return Health::Failing(format!(
+                "escalation rate {rate:.3} over bound {bound:.3} ({}× the previous version's {baseline:.3}) after {inputs} inputs",
+                config.max_escalation_factor
+            ));
+        }
+    }
+    Health::Watching
 }
 
 fn active_path(state_dir: &Path) -> PathBuf {
@@ -208,8 +288,22 @@ pub struct Updater {
     failed: HashSet<ModelRef>,
     /// Manifests already refused (by issue time), so a retained one is reported once.
     refused: HashSet<u64>,
-    /// Set to the new model's path once one is activated: the agent restarts on it.
+    /// Set to the new model's path once one is activated (or the old one's on a rollback):
+    /// the agent restarts on it.
     activated: watch::Sender<Option<PathBuf>>,
+    stats: Arc<Stats>,
+    /// The health watch over a version switched to recently.
+    probation: Option<Probation>,
+}
+
+/// A version on probation, and the counters when the watch began.
+#[derive(Debug, Clone)]
+struct Probation {
+    until_ms: u64,
+    baseline: Option<f64>,
+    inputs: u64,
+    escalations: u64,
+    errors: u64,
 }
 
 impl std::fmt::Debug for Updater {
@@ -235,7 +329,16 @@ impl Updater {
         running_path: PathBuf,
         link: mpsc::Sender<LinkCommand>,
         activated: watch::Sender<Option<PathBuf>>,
+        stats: Arc<Stats>,
     ) -> Self {
+        let failed = fs::read_to_string(state_dir.join("ota").join("rejected"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let (name, version) = l.split_once('@')?;
+                Some(ModelRef::new(name, version.parse().ok()?))
+            })
+            .collect();
         Updater {
             device,
             group,
@@ -247,10 +350,123 @@ impl Updater {
             running_path,
             link,
             download: None,
-            failed: HashSet::new(),
+            failed,
             refused: HashSet::new(),
             activated,
+            stats,
+            probation: None,
         }
+    }
+
+    fn counters(&self) -> (u64, u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.stats.inputs.load(Relaxed),
+            self.stats.escalations.load(Relaxed),
+            self.stats.errors.load(Relaxed),
+        )
+    }
+
+    /// Starts the health watch when the running version was switched to recently.
+    fn begin_probation(&mut self) {
+        let Some(active) = active_model(&self.state_dir) else {
+            return;
+        };
+        let running = format!("{}@{}", self.running.name, self.running.version);
+        match active.probation_until_ms {
+            Some(until_ms) if active.model == running && until_ms > now_ms() => {
+                let (inputs, escalations, errors) = self.counters();
+                tracing::info!(model = %running, remaining_s = (until_ms - now_ms()) / 1000, "watching the new model's health");
+                self.probation = Some(Probation {
+                    until_ms,
+                    baseline: active.baseline_escalation_rate,
+                    inputs,
+                    escalations,
+                    errors,
+                });
+            }
+            _ => {}
+        }
+    }
+
+    async fn watch_health(&mut self) {
+        let Some(p) = &self.probation else {
+            return;
+        };
+        let (inputs, escalations, errors) = self.counters();
+        match judge(
+            &self.config,
+            p.baseline,
+            inputs - p.inputs,
+            escalations - p.escalations,
+            errors - p.errors,
+        ) {
+            Health::Failing(reason) => {
+                self.probation = None;
+                self.roll_back(reason).await;
+            }
+            Health::Watching if now_ms() >= p.until_ms => {
+                self.probation = None;
+                tracing::info!(model = %self.running, "the new model passed its health window");
+                if let Some(mut active) = active_model(&self.state_dir) {
+                    active.probation_until_ms = None;
+                    if let Ok(text) = toml::to_string(&active) {
+                        let _ = write_atomically(&active_path(&self.state_dir), text.as_bytes());
+                    }
+                }
+            }
+            Health::Watching => {}
+        }
+    }
+
+    /// Goes back to the version that served before, never to try this one again.
+    async fn roll_back(&mut self, reason: String) {
+        let model = self.running.clone();
+        let previous = active_model(&self.state_dir).and_then(|a| a.previous);
+        let rejected = self.state_dir.join("ota").join("rejected");
+        let persisted = fs::create_dir_all(self.state_dir.join("ota")).and_then(|()| {
+            let mut f = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&rejected)?;
+            writeln!(f, "{}@{}", model.name, model.version)?;
+            f.sync_all()
+        });
+        if let Err(e) = persisted {
+            tracing::error!(error = %e, "cannot record the rejected version");
+        }
+        self.failed.insert(model.clone());
+        // Back to the previous installed version, or (none) to the configured model.
+        let switched = match previous.as_ref().filter(|p| p.exists()) {
+            Some(path) => {
+                let name = Metadata::for_model(path)
+                    .map(|m| format!("{}@{}", m.name, m.version))
+                    .unwrap_or_else(|_| path.display().to_string());
+                let active = Active {
+                    path: path.clone(),
+                    model: name,
+                    previous: None,
+                    probation_until_ms: None,
+                    baseline_escalation_rate: None,
+                };
+                toml::to_string(&active)
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| {
+                        write_atomically(&active_path(&self.state_dir), t.as_bytes())
+                            .map_err(|e| e.to_string())
+                    })
+            }
+            None => match fs::remove_file(active_path(&self.state_dir)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+                _ => Ok(()),
+            },
+        };
+        if let Err(e) = switched {
+            tracing::error!(error = %e, "rollback could not rewrite models/active.toml");
+        }
+        self.report(&model, OtaState::RolledBack { reason }).await;
+        let back = previous.unwrap_or_else(|| self.running_path.clone());
+        let _ = self.activated.send(Some(back));
     }
 
     fn download_dir(&self) -> PathBuf {
@@ -286,6 +502,7 @@ impl Updater {
         mut inbound: mpsc::Receiver<OtaInbound>,
         shutdown: CancellationToken,
     ) {
+        self.begin_probation();
         self.resume().await;
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         loop {
@@ -574,6 +791,7 @@ impl Updater {
     }
 
     async fn timers(&mut self) {
+        self.watch_health().await;
         let Some(d) = &mut self.download else {
             return;
         };
@@ -614,6 +832,10 @@ impl Updater {
         let load = self.load.clone();
         let previous = self.running_path.clone();
         let state_dir = self.state_dir.clone();
+        let (inputs, escalations, _) = self.counters();
+        let baseline = (inputs >= self.config.health_min_inputs.max(1))
+            .then(|| escalations as f64 / inputs as f64);
+        let probation_until_ms = now_ms() + self.config.health_window_s * 1000;
         let outcome = tokio::task::spawn_blocking(move || {
             install_files(&dir, &target, &manifest, &load)?;
             let model_path = target.join("model");
@@ -621,6 +843,8 @@ impl Updater {
                 path: model_path.clone(),
                 model: format!("{}@{}", manifest.model.name, manifest.model.version),
                 previous: Some(previous),
+                probation_until_ms: Some(probation_until_ms),
+                baseline_escalation_rate: baseline,
             };
             let text = toml::to_string(&active)
                 .map_err(|e| UpdateError::Refused(format!("cannot write active.toml: {e}")))?;
@@ -774,6 +998,7 @@ mod tests {
             models().join("digits-edge.int8.tflite"),
             link_tx,
             activated_tx,
+            Arc::new(Stats::default()),
         );
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(updater.run(inbound_rx, shutdown.clone()));
@@ -826,6 +1051,40 @@ mod tests {
             index,
             data: bytes[start..(start + 1024).min(bytes.len())].to_vec(),
         })
+    }
+
+    #[test]
+    fn the_health_watch_judges_errors_and_the_escalation_rate_against_the_baseline() {
+        let config = OtaConfig::default(); // 2x, 50 inputs, 10 errors
+        assert_eq!(
+            judge(&config, Some(0.1), 49, 49, 0),
+            Health::Watching,
+            "too few inputs"
+        );
+        assert_eq!(
+            judge(&config, Some(0.1), 100, 20, 0),
+            Health::Watching,
+            "exactly 2x"
+        );
+        let Health::Failing(reason) = judge(&config, Some(0.1), 100, 21, 0) else {
+            panic!("over 2x the baseline");
+        };
+        assert!(
+            reason.contains("escalation rate 0.210 over bound 0.200"),
+            "{reason}"
+        );
+        // A near-zero baseline is floored at 2%: 3% is not a regression, 5% is.
+        assert_eq!(judge(&config, Some(0.0), 100, 3, 0), Health::Watching);
+        assert!(matches!(
+            judge(&config, Some(0.0), 100, 5, 0),
+            Health::Failing(_)
+        ));
+        // Without a baseline only errors count.
+        assert_eq!(judge(&config, None, 1000, 1000, 9), Health::Watching);
+        let Health::Failing(reason) = judge(&config, None, 1000, 0, 10) else {
+            panic!("ten failed inferences");
+        };
+        assert!(reason.contains("10 failed inferences"), "{reason}");
     }
 
     #[tokio::test]

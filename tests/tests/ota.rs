@@ -231,3 +231,107 @@ async fn downgrades_unknown_keys_and_corrupted_bytes_are_refused_and_the_model_s
     assert!(again.stop(Duration::from_secs(5)).await);
     assert!(escalator.stop(Duration::from_secs(5)).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_that_escalates_far_more_is_rolled_back_within_its_health_window() {
+    init_logs();
+    let broker = Mosquitto::start().expect("mosquitto");
+    let dir = tempfile::tempdir().unwrap();
+    let key = SigningKey::from_bytes(&[3; 32]);
+    let registry = Registry::open(&dir.path().join("registry")).unwrap();
+    let escalator = escalator(&broker.url(), dir.path(), &dir.path().join("registry")).await;
+    // A realistic policy (max-probability under 0.9, no audits): the bundled model escalates ~8%.
+    let mut config = agent_config("ota-d", &broker.url(), &dir.path().join("agent"), &key);
+    config.policy.threshold = 0.9;
+    config.policy.audit_rate = 0.0;
+    config.ota.health_min_inputs = 30;
+    config.ota.health_window_s = 120;
+
+    let feed = |agent: &AgentHandle, n: usize| {
+        let inputs = agent.inputs.clone();
+        async move {
+            for (i, t) in digits(n).into_iter().enumerate() {
+                inputs
+                    .send(InputItem::new(format!("digit-{i}"), vec![t]))
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    let edge_results =
+        |n: usize, mut rx: tokio::sync::mpsc::Receiver<edge_agent::input::ResultEvent>| async move {
+            let mut seen = 0;
+            while seen < n {
+                let e = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+                    .await
+                    .expect("results in time")
+                    .expect("agent running");
+                if e.stage == Stage::Edge {
+                    seen += 1;
+                }
+            }
+            rx
+        };
+
+    // The running version's baseline: 60 inputs.
+    let mut agent = start(&config).await;
+    let rx = agent.take_results().unwrap();
+    feed(&agent, 60).await;
+    let _rx = edge_results(60, rx).await;
+    let baseline = agent
+        .stats
+        .escalations
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        baseline <= 10,
+        "the bundled model escalates few: {baseline} of 60"
+    );
+
+    // 2.0.0 gives the same answers with much less confidence (models/unsure.py).
+    registry
+        .publish(
+            &model("testdata/digits-edge.unsure.onnx"),
+            "digits-edge",
+            Version::new(2, 0, 0),
+            parse_target("all", "digits-edge").unwrap(),
+            &key,
+            CHUNK,
+        )
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), agent.activated.changed())
+        .await
+        .expect("activated")
+        .unwrap();
+    assert!(agent.stop(Duration::from_secs(5)).await);
+    let mut agent = start(&config).await;
+    assert_eq!(agent.model_ref.version, Version::new(2, 0, 0));
+    let rx = agent.take_results().unwrap();
+    feed(&agent, 60).await;
+    let _rx = edge_results(60, rx).await;
+    tokio::time::timeout(Duration::from_secs(10), agent.activated.changed())
+        .await
+        .expect("the health watch rolls back within its window")
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || matches!(
+            state_of(&escalator, "ota-d"),
+            Some(OtaState::RolledBack { reason }) if reason.contains("escalation rate")
+        ))
+        .await,
+        "{:?}",
+        state_of(&escalator, "ota-d")
+    );
+
+    // Restarted: the previous version serves, and the still-retained 2.0.0 is not fetched again.
+    assert!(agent.stop(Duration::from_secs(5)).await);
+    let mut agent = start(&config).await;
+    assert_eq!(agent.model_ref.version, Version::new(1, 0, 0));
+    assert!(
+        tokio::time::timeout(Duration::from_secs(3), agent.activated.changed())
+            .await
+            .is_err(),
+        "a rolled-back version is not installed again"
+    );
+    assert!(agent.stop(Duration::from_secs(5)).await);
+    assert!(escalator.stop(Duration::from_secs(5)).await);
+}
