@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use cascade_proto::model::ModelRef;
-use cascade_proto::ota::{ArtifactKind, Chunk, ChunkRequest, MAX_CHUNKS_PER_REQUEST, OtaStatus};
+use cascade_proto::ota::{Chunk, ChunkRequest, MAX_CHUNKS_PER_REQUEST, OtaStatus};
 use cascade_proto::topic::{Channel, DeviceTopic, Filter};
 use cascade_proto::{Limits, Message, decode, encode};
 use edge_agent::connection::Backoff;
@@ -121,11 +121,7 @@ impl Server {
             .registry
             .get(&request.model.name, request.model.version)
         {
-            Ok(entry) if request.artifact == ArtifactKind::Full => entry,
-            Ok(_) => {
-                self.refuse(device, &request, "deltas are not served by this escalator");
-                return;
-            }
+            Ok(entry) => entry,
             Err(e) => {
                 self.refuse(device, &request, &e.to_string());
                 return;
@@ -134,7 +130,7 @@ impl Server {
         let topic = self.topic(device, Channel::OtaChunk);
         let count = request.count.min(MAX_CHUNKS_PER_REQUEST);
         for index in request.first..request.first.saturating_add(u32::from(count)) {
-            let data = match self.registry.chunk(&entry, index) {
+            let data = match self.registry.chunk(&entry, request.artifact, index) {
                 Ok(data) => data,
                 Err(e) => {
                     self.refuse(device, &request, &e.to_string());
@@ -143,7 +139,7 @@ impl Server {
             };
             let bytes = encode(&Message::OtaChunk(Chunk {
                 model: request.model.clone(),
-                artifact: ArtifactKind::Full,
+                artifact: request.artifact,
                 index,
                 data,
             }));

@@ -3,6 +3,7 @@
 //! ```text
 //! <registry>/<name>/<version>/model           the model file, immutable once published
 //! <registry>/<name>/<version>/manifest.json   Signed<Manifest>: sizes, hashes, sidecar, target
+//! <registry>/<name>/<version>/delta            zstd delta from the previous version, when smaller
 //! ```
 //!
 //! `cloud-escalator models publish` writes a version; `models rollout` re-signs its manifest for a
@@ -16,7 +17,9 @@ use std::path::{Path, PathBuf};
 
 use cascade_infer::metadata::Metadata;
 use cascade_proto::model::{ModelRef, Version};
-use cascade_proto::ota::{ArtifactInfo, Manifest, TargetSelector};
+use cascade_proto::ota::{
+    ArtifactInfo, ArtifactKind, DeltaFormat, DeltaInfo, Manifest, TargetSelector,
+};
 use cascade_proto::signing::{KeyId, Signed, SigningKey};
 use sha2::{Digest, Sha256};
 
@@ -136,10 +139,16 @@ impl Registry {
                 path: sidecar_path.clone(),
                 problem,
             })?;
+        // A delta from the highest earlier version, when it saves at least a tenth.
+        let delta = self.delta_from_previous(name, version, &bytes)?;
         let manifest = Manifest {
             model: model_ref,
             full: ArtifactInfo::describe(&bytes, chunk_size),
-            delta: None,
+            delta: delta.as_ref().map(|(base, d)| DeltaInfo {
+                base: *base,
+                format: DeltaFormat::ZstdPatch,
+                artifact: ArtifactInfo::describe(d, chunk_size),
+            }),
             sidecar,
             target,
             issued_at_ms: now_ms(),
@@ -147,8 +156,32 @@ impl Registry {
         let signed = Signed::sign(manifest, key);
         fs::create_dir_all(&dir).map_err(io(&dir))?;
         write_atomically(&dir.join("model"), &bytes)?;
+        if let Some((_, d)) = &delta {
+            write_atomically(&dir.join("delta"), d)?;
+        }
         self.write_manifest(&dir, &signed)?;
         Ok(signed)
+    }
+
+    fn delta_from_previous(
+        &self,
+        name: &str,
+        version: Version,
+        bytes: &[u8],
+    ) -> Result<Option<(Version, Vec<u8>)>, RegistryError> {
+        let previous = match self.list() {
+            Ok(entries) => entries.into_iter().rfind(|e| {
+                e.manifest.content.model.name == name && e.manifest.content.model.version < version
+            }),
+            Err(_) => None,
+        };
+        let Some(previous) = previous else {
+            return Ok(None);
+        };
+        let base = fs::read(&previous.model_path).map_err(io(&previous.model_path))?;
+        let delta = edge_agent::delta::encode(&base, bytes).map_err(io(&previous.model_path))?;
+        Ok((delta.len() < bytes.len() * 9 / 10)
+            .then_some((previous.manifest.content.model.version, delta)))
     }
 
     /// Re-signs a published version's manifest for a new target (a rollout step).
@@ -239,13 +272,29 @@ impl Registry {
         Ok(latest)
     }
 
-    /// Bytes of chunk `index` of `name` `version`'s model file.
-    pub fn chunk(&self, entry: &Entry, index: u32) -> Result<Vec<u8>, RegistryError> {
-        let info = &entry.manifest.content.full;
+    /// Bytes of chunk `index` of a version's model file, or of its delta.
+    pub fn chunk(
+        &self,
+        entry: &Entry,
+        kind: ArtifactKind,
+        index: u32,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let (info, path) = match (kind, &entry.manifest.content.delta) {
+            (ArtifactKind::Full, _) => (&entry.manifest.content.full, entry.model_path.clone()),
+            (ArtifactKind::Delta, Some(d)) => {
+                (&d.artifact, entry.model_path.with_file_name("delta"))
+            }
+            (ArtifactKind::Delta, None) => {
+                return Err(RegistryError::Invalid(format!(
+                    "{} has no delta",
+                    entry.manifest.content.model
+                )));
+            }
+        };
         let len = info
             .chunk_len(index)
             .ok_or_else(|| RegistryError::Invalid(format!("chunk {index} out of range")))?;
-        let path = &entry.model_path;
+        let path = &path;
         let mut file = fs::File::open(path).map_err(io(path))?;
         file.seek(SeekFrom::Start(
             u64::from(index) * u64::from(info.chunk_size),
@@ -412,10 +461,14 @@ mod tests {
         ));
         let entry = registry.get("digits-edge", v2).unwrap();
         let rebuilt: Vec<u8> = (0..manifest.full.chunk_count() as u32)
-            .flat_map(|i| registry.chunk(&entry, i).unwrap())
+            .flat_map(|i| registry.chunk(&entry, ArtifactKind::Full, i).unwrap())
             .collect();
         assert_eq!(rebuilt, bytes);
-        assert!(registry.chunk(&entry, 10_000).is_err());
+        assert!(registry.chunk(&entry, ArtifactKind::Full, 10_000).is_err());
+        assert!(
+            manifest.delta.is_none(),
+            "the first version has nothing to diff against"
+        );
 
         // A rollout step re-signs with the new target and a later issue time.
         let wider = registry
@@ -428,6 +481,38 @@ mod tests {
             .unwrap();
         assert!(wider.content.issued_at_ms > manifest.issued_at_ms);
         assert_eq!(registry.get("digits-edge", v2).unwrap().manifest, wider);
+    }
+
+    #[test]
+    fn a_retrained_version_carries_a_delta_from_the_previous_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(dir.path()).unwrap();
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let (v1, v2) = (Version::new(1, 0, 0), Version::new(1, 1, 0));
+        let base = models().join("digits-edge.f32.onnx");
+        let retrained = models().join("testdata/digits-edge.unsure.onnx");
+        registry
+            .publish(&base, "digits-edge", v1, TargetSelector::All, &key, 1024)
+            .unwrap();
+        let signed = registry
+            .publish(
+                &retrained,
+                "digits-edge",
+                v2,
+                TargetSelector::All,
+                &key,
+                1024,
+            )
+            .unwrap();
+        let delta = signed.content.delta.clone().expect("a delta");
+        assert_eq!(delta.base, v1);
+        assert!(delta.artifact.size * 4 < signed.content.full.size);
+        let entry = registry.get("digits-edge", v2).unwrap();
+        let bytes: Vec<u8> = (0..delta.artifact.chunk_count() as u32)
+            .flat_map(|i| registry.chunk(&entry, ArtifactKind::Delta, i).unwrap())
+            .collect();
+        let rebuilt = edge_agent::delta::apply(&fs::read(&base).unwrap(), &bytes, 1 << 20).unwrap();
+        assert_eq!(rebuilt, fs::read(&retrained).unwrap());
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! - [`spool`]: the durable store-and-forward queue of escalations.
 //! - [`link`]: the MQTT connection to the fleet broker (escalations out; verdicts, policy in).
 //! - [`connection`]: MQTT and TLS settings shared by every client.
+//! - [`delta`]: binary deltas between model versions (zstd with the old file as prefix). Pure.
 //! - [`mqtt`]: one MQTT session, version 5 or 3.1.1 (falling back when the broker lacks 5).
 //! - [`ota`]: over-the-air model updates: signed manifests, resumable chunked download, atomic
 //!   switch.
@@ -32,6 +33,7 @@ pub mod agent;
 pub mod bench;
 pub mod config;
 pub mod connection;
+pub mod delta;
 pub mod eval;
 pub mod infer_files;
 pub mod input;

@@ -3,8 +3,8 @@
 //!
 //! ```text
 //! <state_dir>/ota/download/manifest.json   the signed manifest being downloaded
-//! <state_dir>/ota/download/model.part      chunks written at their offsets
-//! <state_dir>/ota/download/have            one byte per chunk: 1 once its bytes are on disk
+//! <state_dir>/ota/download/model.part      chunks written at their offsets (delta.part: a delta's)
+//! <state_dir>/ota/download/model.have      one byte per chunk: 1 once its bytes are on disk
 //! <state_dir>/models/<name>-<version>/model (+ model.toml)   installed versions (kept)
 //! <state_dir>/models/active.toml           which installed version serves; written last,
 //!                                          atomically (tmp, fsync, rename, fsync dir)
@@ -25,7 +25,9 @@
 //! escalation rate with bounds and with the previous version's rate; failing, it restores the
 //! previous version, never installs the failing one again, and reports `rolled_back`.
 //!
-//! Not done here: deltas (docs/ota.md).
+//! When the manifest carries a delta from the running version, the delta is downloaded instead
+//! and applied to the running model's file ([`crate::delta`]); if the result does not match the
+//! manifest's hash, the whole file is downloaded.
 
 use std::collections::{BTreeSet, HashSet};
 use std::fs;
@@ -39,7 +41,8 @@ use cascade_infer::metadata::Metadata;
 use cascade_infer::{LoadOptions, Tensor, load_path};
 use cascade_proto::model::ModelRef;
 use cascade_proto::ota::{
-    ArtifactKind, Chunk, ChunkRequest, MAX_CHUNKS_PER_REQUEST, Manifest, OtaState, OtaStatus,
+    ArtifactInfo, ArtifactKind, Chunk, ChunkRequest, DeltaFormat, MAX_CHUNKS_PER_REQUEST, Manifest,
+    OtaState, OtaStatus,
 };
 use cascade_proto::signing::{Keyring, Signed};
 use cascade_proto::topic::Channel;
@@ -240,6 +243,10 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 /// A download in progress.
 struct Download {
     manifest: Signed<Manifest>,
+    /// The full file, or a delta from the running version.
+    kind: ArtifactKind,
+    /// Size and chunk hashes of what is downloaded (`manifest.full` or the delta's).
+    info: ArtifactInfo,
     part: fs::File,
     have: Vec<bool>,
     have_file: fs::File,
@@ -257,7 +264,7 @@ impl Download {
     }
 
     fn received_bytes(&self) -> u64 {
-        let info = &self.manifest.content.full;
+        let info = &self.info;
         self.have
             .iter()
             .enumerate()
@@ -288,6 +295,8 @@ pub struct Updater {
     failed: HashSet<ModelRef>,
     /// Manifests already refused (by issue time), so a retained one is reported once.
     refused: HashSet<u64>,
+    /// Versions whose delta did not rebuild the file: fetched whole instead.
+    delta_failed: HashSet<ModelRef>,
     /// Set to the new model's path once one is activated (or the old one's on a rollback):
     /// the agent restarts on it.
     activated: watch::Sender<Option<PathBuf>>,
@@ -352,6 +361,7 @@ impl Updater {
             download: None,
             failed,
             refused: HashSet::new(),
+            delta_failed: HashSet::new(),
             activated,
             stats,
             probation: None,
@@ -616,17 +626,28 @@ impl Updater {
     fn start_download(&self, signed: Signed<Manifest>) -> Result<Download, UpdateError> {
         let dir = self.download_dir();
         let manifest_path = dir.join("manifest.json");
+        // A delta when the device runs its base version (and it did not fail before).
+        let (kind, info, stem) = match &signed.content.delta {
+            Some(d)
+                if d.base == self.running.version
+                    && d.format == DeltaFormat::ZstdPatch
+                    && !self.delta_failed.contains(&signed.content.model) =>
+            {
+                (ArtifactKind::Delta, d.artifact.clone(), "delta")
+            }
+            _ => (ArtifactKind::Full, signed.content.full.clone(), "model"),
+        };
         // The same version as a download left on disk: keep its chunks.
         let same = fs::read(&manifest_path)
             .ok()
             .and_then(|t| serde_json::from_slice::<Signed<Manifest>>(&t).ok())
-            .is_some_and(|old| old.content.full == signed.content.full);
+            .is_some_and(|old| old.content == signed.content);
         if !same {
             let _ = fs::remove_dir_all(&dir);
         }
         fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
-        let chunks = signed.content.full.chunk_count() as usize;
-        let part_path = dir.join("model.part");
+        let chunks = info.chunk_count() as usize;
+        let part_path = dir.join(format!("{stem}.part"));
         let part = fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -634,9 +655,9 @@ impl Updater {
             .truncate(false)
             .open(&part_path)
             .map_err(io("cannot open", &part_path))?;
-        part.set_len(signed.content.full.size)
+        part.set_len(info.size)
             .map_err(io("cannot size", &part_path))?;
-        let have_path = dir.join("have");
+        let have_path = dir.join(format!("{stem}.have"));
         let mut have_bytes = fs::read(&have_path).unwrap_or_default();
         have_bytes.resize(chunks, 0);
         let have_file = fs::OpenOptions::new()
@@ -664,6 +685,8 @@ impl Updater {
         }
         Ok(Download {
             manifest: signed,
+            kind,
+            info,
             part,
             have,
             have_file,
@@ -702,7 +725,7 @@ impl Updater {
             }
             requests.push(ChunkRequest {
                 model: d.manifest.content.model.clone(),
-                artifact: ArtifactKind::Full,
+                artifact: d.kind,
                 first,
                 count: (i - first) as u16,
             });
@@ -725,7 +748,7 @@ impl Updater {
             return;
         };
         if &chunk.model != d.model()
-            || chunk.artifact != ArtifactKind::Full
+            || chunk.artifact != d.kind
             || d.have.get(chunk.index as usize).is_none_or(|h| *h)
             || d.unsynced.contains(&chunk.index)
         {
@@ -733,7 +756,7 @@ impl Updater {
         }
         d.pending.remove(&chunk.index);
         d.last_progress = tokio::time::Instant::now();
-        let info = &d.manifest.content.full;
+        let info = &d.info;
         if !info.chunk_matches(chunk.index, &chunk.data) {
             d.bad_chunks += 1;
             tracing::warn!(model = %d.model(), index = chunk.index, "chunk does not match the signed manifest; asking again");
@@ -775,7 +798,7 @@ impl Updater {
             return;
         }
         let model = d.model().clone();
-        let (received, total) = (d.received_bytes(), d.manifest.content.full.size);
+        let (received, total) = (d.received_bytes(), d.info.size);
         let complete = d.complete();
         self.report(
             &model,
@@ -823,7 +846,10 @@ impl Updater {
             return;
         };
         let model = d.model().clone();
+        let signed = d.manifest.clone();
         let manifest = d.manifest.content.clone();
+        let from_delta = d.kind == ArtifactKind::Delta;
+        drop(d);
         let dir = self.download_dir();
         let target = self
             .state_dir
@@ -836,7 +862,11 @@ impl Updater {
         let baseline = (inputs >= self.config.health_min_inputs.max(1))
             .then(|| escalations as f64 / inputs as f64);
         let probation_until_ms = now_ms() + self.config.health_window_s * 1000;
+        let base = self.running_path.clone();
         let outcome = tokio::task::spawn_blocking(move || {
+            if from_delta {
+                rebuild_from_delta(&dir, &base, &manifest)?;
+            }
             install_files(&dir, &target, &manifest, &load)?;
             let model_path = target.join("model");
             let active = Active {
@@ -861,6 +891,18 @@ impl Updater {
                 self.running_path = path.clone();
                 let _ = self.activated.send(Some(path));
             }
+            Ok(Err(e)) if from_delta => {
+                // The whole file may still be fine: fetch it instead of the delta.
+                tracing::warn!(%model, error = %e, "the delta did not rebuild the model; downloading it whole");
+                self.delta_failed.insert(model.clone());
+                match self.start_download(signed) {
+                    Ok(d) => {
+                        self.download = Some(d);
+                        self.request_more().await;
+                    }
+                    Err(e) => self.abandon(&model, e.to_string()).await,
+                }
+            }
             Ok(Err(e)) => self.abandon(&model, e.to_string()).await,
             Err(e) => {
                 self.abandon(&model, format!("install task failed: {e}"))
@@ -884,6 +926,22 @@ fn flush(d: &mut Download) -> std::io::Result<()> {
     d.have_file.sync_data()?;
     d.unsynced.clear();
     Ok(())
+}
+
+/// Applies the downloaded delta to the running model's file, writing `model.part` (checked
+/// against the manifest's hash by [`install_files`]).
+fn rebuild_from_delta(
+    download: &Path,
+    base: &Path,
+    manifest: &Manifest,
+) -> Result<(), UpdateError> {
+    let delta_path = download.join("delta.part");
+    let delta = fs::read(&delta_path).map_err(io("cannot read", &delta_path))?;
+    let base_bytes = fs::read(base).map_err(io("cannot read the running model", base))?;
+    let full = crate::delta::apply(&base_bytes, &delta, manifest.full.size)
+        .map_err(|e| UpdateError::Refused(format!("the delta does not apply: {e}")))?;
+    let part = download.join("model.part");
+    fs::write(&part, full).map_err(io("cannot write", &part))
 }
 
 /// Checks the complete file against the manifest, moves it and its sidecar into `target`, and

@@ -335,3 +335,74 @@ async fn an_update_that_escalates_far_more_is_rolled_back_within_its_health_wind
     assert!(agent.stop(Duration::from_secs(5)).await);
     assert!(escalator.stop(Duration::from_secs(5)).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retrained_version_travels_as_a_delta_from_the_running_one() {
+    init_logs();
+    let broker = Mosquitto::start().expect("mosquitto");
+    let dir = tempfile::tempdir().unwrap();
+    let key = SigningKey::from_bytes(&[4; 32]);
+    let registry = Registry::open(&dir.path().join("registry")).unwrap();
+    let escalator = escalator(&broker.url(), dir.path(), &dir.path().join("registry")).await;
+    let config = agent_config("ota-e", &broker.url(), &dir.path().join("agent"), &key);
+    let all = || parse_target("all", "digits-edge").unwrap();
+
+    // 2.0.0 arrives whole (the device runs the bundled 1.0.0, which the registry never had).
+    let mut agent = start(&config).await;
+    registry
+        .publish(
+            &model("digits-edge.f32.onnx"),
+            "digits-edge",
+            Version::new(2, 0, 0),
+            all(),
+            &key,
+            CHUNK,
+        )
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), agent.activated.changed())
+        .await
+        .expect("2.0.0 activated")
+        .unwrap();
+    let full_chunks = escalator
+        .ota
+        .chunks
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(full_chunks, 6, "5217 bytes in 1 KiB chunks");
+    assert!(agent.stop(Duration::from_secs(5)).await);
+
+    // 2.1.0 changes only the last layer: the registry built a delta from 2.0.0, which the device
+    // runs now, so only the delta travels; the rebuilt file must match the signed hash.
+    let mut agent = start(&config).await;
+    assert_eq!(agent.model_ref.version, Version::new(2, 0, 0));
+    let signed = registry
+        .publish(
+            &model("testdata/digits-edge.unsure.onnx"),
+            "digits-edge",
+            Version::new(2, 1, 0),
+            all(),
+            &key,
+            CHUNK,
+        )
+        .unwrap();
+    let delta = signed.content.delta.expect("a delta from 2.0.0");
+    tokio::time::timeout(Duration::from_secs(30), agent.activated.changed())
+        .await
+        .expect("2.1.0 activated")
+        .unwrap();
+    let delta_chunks = escalator
+        .ota
+        .chunks
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - full_chunks;
+    assert_eq!(delta_chunks, delta.artifact.chunk_count());
+    assert!(delta_chunks < full_chunks);
+    assert!(agent.stop(Duration::from_secs(5)).await);
+    let agent = start(&config).await;
+    assert_eq!(agent.model_ref.version, Version::new(2, 1, 0));
+    assert_eq!(
+        std::fs::read(dir.path().join("agent/models/digits-edge-2.1.0/model")).unwrap(),
+        std::fs::read(model("testdata/digits-edge.unsure.onnx")).unwrap()
+    );
+    assert!(agent.stop(Duration::from_secs(5)).await);
+    assert!(escalator.stop(Duration::from_secs(5)).await);
+}
