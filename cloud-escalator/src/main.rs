@@ -174,6 +174,31 @@ enum ModelsCommand {
 
 #[derive(Subcommand)]
 enum PerfCommand {
+    /// Simulated devices take a model update from a running escalator (`serve` with
+    /// `[ota] registry`): bytes on the wire per device and total time. See bench/ota.sh.
+    Ota {
+        /// Broker the escalator uses.
+        #[arg(long)]
+        broker: String,
+        /// Fleet the escalator serves.
+        #[arg(long, default_value = "default")]
+        fleet: String,
+        /// Simulated devices.
+        #[arg(long, default_value_t = 200)]
+        devices: usize,
+        /// Model name the devices run (and the registry has a newer version of).
+        #[arg(long)]
+        model: String,
+        /// Version the devices run.
+        #[arg(long, default_value = "1.0.0")]
+        from: String,
+        /// Chunks each device keeps requested.
+        #[arg(long, default_value_t = 16)]
+        window: u16,
+        /// Seconds before giving up.
+        #[arg(long, default_value_t = 300)]
+        timeout_s: u64,
+    },
     /// One escalation at a time, agent → broker → escalator → agent, on a no-op model.
     RoundTrip {
         /// Broker URL (e.g. a Mosquitto to compare with); an embedded broker when absent.
@@ -518,6 +543,29 @@ async fn perf(command: PerfCommand) -> anyhow::Result<()> {
                 r.latency.over_40ms,
                 r.escalation_bytes
             )?;
+            writeln!(out, "{}", serde_json::to_string(&r)?)?;
+        }
+        PerfCommand::Ota {
+            broker,
+            fleet,
+            devices,
+            model,
+            from,
+            window,
+            timeout_s,
+        } => {
+            let options = perf::OtaFleetOptions {
+                broker,
+                fleet,
+                devices,
+                model,
+                from: from
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--from {from:?}: {e}"))?,
+                window,
+                timeout: std::time::Duration::from_secs(timeout_s),
+            };
+            let r = perf::ota_fleet(options, &mut log).await?;
             writeln!(out, "{}", serde_json::to_string(&r)?)?;
         }
         PerfCommand::Batching {

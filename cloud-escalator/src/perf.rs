@@ -8,6 +8,9 @@
 //!   verdict latency p95 and what was answered. The highest rate answered in full within the p95
 //!   objective is the service's throughput; run it with `--max-batch 1` for the unbatched peer.
 //!
+//! - `ota`: a fleet of simulated devices takes a model update from a running escalator: the
+//!   bytes each receives against the model's size, and the time until all are done.
+//!
 //! Results are one JSON object per line on standard output (the bench/ scripts read them) after
 //! a readable line on standard error.
 
@@ -471,4 +474,222 @@ pub async fn batching(
     reader.abort();
     escalator.stop(Duration::from_secs(5)).await;
     Ok(reports)
+}
+
+/// `perf ota` settings.
+#[derive(Debug, Clone)]
+pub struct OtaFleetOptions {
+    /// Broker URL (the escalator serving the registry is already connected there).
+    pub broker: String,
+    /// Fleet name the escalator serves.
+    pub fleet: String,
+    /// Simulated devices.
+    pub devices: usize,
+    /// The model name the devices run (at version `from`), as published in the registry.
+    pub model: String,
+    /// The version the devices run.
+    pub from: Version,
+    /// Chunks each device keeps requested.
+    pub window: u16,
+    /// Give up after this long.
+    pub timeout: Duration,
+}
+
+/// What `perf ota` measured.
+#[derive(Debug, Serialize)]
+pub struct OtaFleetReport {
+    /// Devices that completed the update (all chunks verified, whole-file hash checked).
+    pub updated: usize,
+    /// Devices simulated.
+    pub devices: usize,
+    /// Model size, bytes.
+    pub model_bytes: u64,
+    /// MQTT bytes received per device for the update (manifest and chunks: fixed header, topic,
+    /// packet id, payload), mean.
+    pub wire_bytes_per_device: f64,
+    /// `wire_bytes_per_device / model_bytes`.
+    pub wire_ratio: f64,
+    /// From the first status published to the last device done, seconds.
+    pub seconds: f64,
+}
+
+/// MQTT 5 PUBLISH bytes on the wire for `topic` and `payload` at QoS 1 (no properties).
+fn publish_wire_bytes(topic: &str, payload: usize) -> u64 {
+    // Variable header: topic length (2) + topic + packet id (2) + properties length (1).
+    let remaining = 2 + topic.len() + 2 + 1 + payload;
+    let length_bytes = match remaining {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    (1 + length_bytes + remaining) as u64
+}
+
+/// Simulates `devices` devices running `model` at `from`: each announces itself with a retained
+/// status, takes the manifest it is offered, downloads the full file in verified chunks and
+/// checks the whole file's hash. Devices check the manifest's signature against nothing (they
+/// are load, not the agent; the agent's checks are tested elsewhere).
+pub async fn ota_fleet(
+    options: OtaFleetOptions,
+    log: &mut impl Write,
+) -> anyhow::Result<OtaFleetReport> {
+    use cascade_proto::ota::{ArtifactKind, ChunkRequest, Manifest};
+    use cascade_proto::status::{Counters, DeviceStatus, Presence};
+    use cascade_proto::topic::{Channel, DeviceTopic};
+    use sha2::{Digest, Sha256};
+
+    let (host, port, _) =
+        edge_agent::config::broker_address(&options.broker).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..options.devices {
+        let o = options.clone();
+        let host = host.clone();
+        tasks.spawn(async move {
+            let device = format!("sim-{i:04}");
+            let topic = |channel| {
+                DeviceTopic {
+                    fleet: &o.fleet,
+                    device: &device,
+                    channel,
+                }
+                .to_string()
+            };
+            let mut mqtt = MqttOptions::new(
+                format!("perf-ota-{}-{device}", std::process::id()),
+                &host,
+                port,
+            );
+            mqtt.set_keep_alive(Duration::from_secs(30));
+            mqtt.set_max_packet_size(Some(2 << 20));
+            mqtt.set_outgoing_inflight_upper_limit(64);
+            let mut network = rumqttc::NetworkOptions::new();
+            network.set_tcp_nodelay(true);
+            mqtt.set_network_options(network);
+            let (client, mut eventloop) = AsyncClient::new(mqtt, 256);
+            for channel in [Channel::OtaManifest, Channel::OtaChunk] {
+                client.subscribe(topic(channel), QoS::AtLeastOnce).await?;
+            }
+            let status = DeviceStatus {
+                device: device.clone(),
+                presence: Presence::Online,
+                agent_version: "perf".into(),
+                model: Some(ModelRef::new(o.model.clone(), o.from)),
+                policy_sequence: 0,
+                counters: Counters::default(),
+                uptime_s: 0,
+                at_ms: 0,
+            };
+            client
+                .publish(
+                    topic(Channel::Status),
+                    QoS::AtLeastOnce,
+                    true,
+                    encode(&Message::DeviceStatus(status)),
+                )
+                .await?;
+            let limits = Limits {
+                max_message_bytes: 2 << 20,
+            };
+            let mut manifest: Option<Manifest> = None;
+            let mut data: Vec<u8> = Vec::new();
+            let mut have: Vec<bool> = Vec::new();
+            let (mut next, mut in_flight, mut wire) = (0u32, 0u32, 0u64);
+            let deadline = tokio::time::Instant::now() + o.timeout;
+            loop {
+                let event = tokio::time::timeout_at(deadline, eventloop.poll()).await;
+                let Ok(event) = event else {
+                    anyhow::bail!("{device}: not updated within {:?}", o.timeout);
+                };
+                let Event::Incoming(Packet::Publish(p)) = event? else {
+                    continue;
+                };
+                let topic_name = String::from_utf8_lossy(&p.topic).into_owned();
+                wire += publish_wire_bytes(&topic_name, p.payload.len());
+                match decode(&p.payload, &limits)? {
+                    Message::OtaManifest(signed) if manifest.is_none() => {
+                        let m = signed.content;
+                        data = vec![0; m.full.size as usize];
+                        have = vec![false; m.full.chunk_count() as usize];
+                        manifest = Some(m);
+                    }
+                    Message::OtaChunk(c) => {
+                        let Some(m) = &manifest else { continue };
+                        anyhow::ensure!(
+                            m.full.chunk_matches(c.index, &c.data),
+                            "{device}: bad chunk {}",
+                            c.index
+                        );
+                        let start = c.index as usize * m.full.chunk_size as usize;
+                        data[start..start + c.data.len()].copy_from_slice(&c.data);
+                        have[c.index as usize] = true;
+                        in_flight -= 1;
+                    }
+                    _ => continue,
+                }
+                let Some(m) = &manifest else { continue };
+                if have.iter().all(|h| *h) {
+                    anyhow::ensure!(
+                        <[u8; 32]>::from(Sha256::digest(&data)) == m.full.sha256,
+                        "{device}: file hash differs"
+                    );
+                    return Ok::<(u64, u64), anyhow::Error>((wire, m.full.size));
+                }
+                // Keep the window full.
+                while in_flight < u32::from(o.window) && (next as usize) < have.len() {
+                    let count = (u32::from(o.window) - in_flight)
+                        .min(have.len() as u32 - next)
+                        .min(64) as u16;
+                    let request = ChunkRequest {
+                        model: m.model.clone(),
+                        artifact: ArtifactKind::Full,
+                        first: next,
+                        count,
+                    };
+                    client
+                        .publish(
+                            topic(Channel::OtaRequest),
+                            QoS::AtLeastOnce,
+                            false,
+                            encode(&Message::OtaChunkRequest(request)),
+                        )
+                        .await?;
+                    next += u32::from(count);
+                    in_flight += u32::from(count);
+                }
+            }
+        });
+    }
+    let mut wires = Vec::new();
+    let mut model_bytes = 0;
+    let mut failures = 0;
+    while let Some(result) = tasks.join_next().await {
+        match result? {
+            Ok((w, size)) => {
+                wires.push(w);
+                model_bytes = size;
+            }
+            Err(e) => {
+                failures += 1;
+                writeln!(log, "{e:#}")?;
+            }
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let mean = wires.iter().sum::<u64>() as f64 / wires.len().max(1) as f64;
+    writeln!(
+        log,
+        "{} of {} devices updated in {seconds:.1} s ({failures} failed)",
+        wires.len(),
+        options.devices
+    )?;
+    Ok(OtaFleetReport {
+        updated: wires.len(),
+        devices: options.devices,
+        model_bytes,
+        wire_bytes_per_device: mean,
+        wire_ratio: mean / model_bytes.max(1) as f64,
+        seconds,
+    })
 }

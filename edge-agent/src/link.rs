@@ -482,6 +482,12 @@ pub async fn run(
             },
         }
     }
+    // What other tasks asked to send before the shutdown (an OTA status, say) still goes out,
+    // ahead of the offline status and the disconnect.
+    while let Ok(command) = commands.try_recv() {
+        link.command(command).await;
+    }
+    link.flush(&session);
     // Leave cleanly: say we are offline (the will is only sent on an unclean loss) and disconnect.
     session.try_publish(&topic(&link.settings, Channel::Status), true, offline, None);
     session.try_disconnect();

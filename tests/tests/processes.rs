@@ -289,3 +289,104 @@ async fn two_escalator_replicas_share_the_load_and_one_dying_loses_nothing() {
     );
     assert!(agent.stop(Duration::from_secs(5)).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_download_resumes_without_refetching_and_switches() {
+    use cascade_proto::model::Version;
+    use cascade_proto::ota::OtaState;
+    use cascade_proto::signing::SigningKey;
+    use cloud_escalator::registry::{Registry, parse_target};
+
+    init_logs();
+    let broker = Mosquitto::start().expect("mosquitto");
+    let state = tempfile::tempdir().unwrap();
+    let key = SigningKey::from_bytes(&[5; 32]);
+    // A 606 KB model in 1 KiB chunks, fetched one at a time: slow enough to kill mid-way.
+    let registry = Registry::open(&state.path().join("registry")).unwrap();
+    let signed = registry
+        .publish(
+            &cascade_e2e::fixtures::model("digits-cloud.onnx"),
+            "digits-edge",
+            Version::new(2, 0, 0),
+            parse_target("all", "digits-edge").unwrap(),
+            &key,
+            1024,
+        )
+        .unwrap();
+    let total = signed.content.full.chunk_count();
+    let escalator = cloud_escalator::service::start(
+        toml::from_str(&format!(
+            "{}\n[ota]\nregistry = {:?}\nrescan_ms = 200\n",
+            escalator_toml(
+                &broker.url(),
+                "escalator-ota-kill",
+                &state.path().join("ex.db")
+            ),
+            state.path().join("registry")
+        ))
+        .unwrap(),
+        CancellationToken::new(),
+    )
+    .await
+    .expect("escalator starts");
+    let agent_state = state.path().join("agent");
+    let config = state.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "trusted_keys = [\"{}\"]\n{}\n[ota]\nwindow = 1\n",
+            hex::encode(key.verifying_key().as_bytes()),
+            agent_toml("ota-kill", &broker.url(), &agent_state)
+        ),
+    )
+    .unwrap();
+    let have_path = agent_state.join("ota/download/model.have");
+    let on_disk = || {
+        std::fs::read(&have_path)
+            .map(|h| h.iter().filter(|b| **b == 1).count() as u64)
+            .unwrap_or(0)
+    };
+
+    let mut agent = agent_process(&config);
+    assert!(
+        eventually(Duration::from_secs(30), || on_disk() >= 50).await,
+        "the download started"
+    );
+    agent.kill();
+    let kept = on_disk();
+    let served_before = escalator.ota.chunks.load(Relaxed);
+    assert!(
+        kept < total,
+        "killed mid-download ({kept} of {total} chunks on disk)"
+    );
+
+    let _agent = agent_process(&config);
+    let active = agent_state.join("models/active.toml");
+    assert!(
+        eventually(Duration::from_secs(60), || active.exists()).await,
+        "the resumed download completes and the agent switches"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || matches!(
+            escalator
+                .ota
+                .statuses()
+                .get("ota-kill")
+                .map(|s| s.state.clone()),
+            Some(OtaState::Activated)
+        ))
+        .await
+    );
+    let served = escalator.ota.chunks.load(Relaxed);
+    // What was on disk is not sent again: the restart needs the rest, plus at most a few
+    // re-requests of chunks in flight at the kill.
+    assert!(
+        served <= served_before + (total - kept) + 4,
+        "{served} chunks served for {total}: {served_before} before the kill, {kept} kept"
+    );
+    assert_eq!(
+        std::fs::read(agent_state.join("models/digits-edge-2.0.0/model")).unwrap(),
+        std::fs::read(cascade_e2e::fixtures::model("digits-cloud.onnx")).unwrap()
+    );
+    assert!(escalator.stop(Duration::from_secs(5)).await);
+}
