@@ -157,6 +157,20 @@ enum ModelsCommand {
         #[arg(long, default_value = "registry")]
         registry: PathBuf,
     },
+    /// Sign and publish an escalation policy update (thresholds, budget, audits, privacy mode)
+    /// from a JSON file holding a policy (`codec example policy_update` shows one under
+    /// body.content); its sequence is set to one above the last. Served with the models.
+    Policy {
+        /// The registry directory.
+        #[arg(long, default_value = "registry")]
+        registry: PathBuf,
+        /// The policy, JSON.
+        #[arg(long)]
+        file: PathBuf,
+        /// Signing key.
+        #[arg(long)]
+        key: PathBuf,
+    },
     /// Print a version's signed manifest as JSON.
     #[command(disable_version_flag = true)]
     Show {
@@ -461,6 +475,22 @@ fn models(command: ModelsCommand, out: &mut impl Write) -> anyhow::Result<()> {
                 out,
                 "{} now targets {:?}",
                 signed.content.model, signed.content.target
+            )?;
+        }
+        ModelsCommand::Policy {
+            registry,
+            file,
+            key,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let policy: cascade_proto::policy::Policy = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a policy", file.display()))?;
+            let signed = Registry::open(&registry)?.publish_policy(policy, &load_key(&key)?)?;
+            writeln!(
+                out,
+                "policy update {} signed by key {} for {:?}",
+                signed.content.sequence, signed.key_id, signed.content.target
             )?;
         }
         ModelsCommand::List { registry } => {

@@ -4,7 +4,8 @@
 //! not wait behind chunk traffic). It learns devices and the model each runs from their retained
 //! status, offers each device the newest registered version of that model as a retained, signed
 //! manifest on `cascade/v1/{fleet}/{device}/ota/manifest`, answers chunk requests on
-//! `.../ota/chunk`, and records what devices report on `.../ota/status`. Devices decide whether a
+//! `.../ota/chunk`, and records what devices report on `.../ota/status`. The newest signed
+//! policy update goes the same way, retained on each device's `.../policy`. Devices decide whether a
 //! manifest's target includes them and whether to install it (docs/ota.md); this side only serves.
 //! The registry is rescanned periodically, so `cloud-escalator models publish` and `models
 //! rollout` take effect on a running escalator.
@@ -65,8 +66,12 @@ struct Server {
     registry: Registry,
     fleet: String,
     limits: Limits,
-    /// Each known device's model name, from its status.
-    devices: HashMap<String, String>,
+    /// Each known device's model name (if it reported one), from its status.
+    devices: HashMap<String, Option<String>>,
+    /// The newest signed policy update.
+    policy: Option<cascade_proto::signing::Signed<cascade_proto::policy::Policy>>,
+    /// The policy sequence each device was last offered.
+    policy_offered: HashMap<String, u64>,
     /// Newest version per model name.
     latest: HashMap<String, Entry>,
     /// What each device was last offered (version and issue time), to publish only changes.
@@ -85,6 +90,10 @@ impl Server {
     }
 
     fn rescan(&mut self) {
+        match self.registry.latest_policy() {
+            Ok(policy) => self.policy = policy,
+            Err(e) => tracing::error!(error = %e, "cannot read the policy updates"),
+        }
         match self.registry.latest() {
             Ok(entries) => {
                 self.latest = entries
@@ -98,8 +107,21 @@ impl Server {
 
     /// Publishes the manifest each device should see, where it changed.
     fn offer(&mut self, session: &Session) {
+        if let Some(policy) = &self.policy {
+            let sequence = policy.content.sequence;
+            for device in self.devices.keys() {
+                if self.policy_offered.get(device) == Some(&sequence) {
+                    continue;
+                }
+                let bytes = encode(&Message::PolicyUpdate(policy.clone()));
+                if session.try_publish(&self.topic(device, Channel::Policy), true, bytes, None) {
+                    tracing::info!(%device, sequence, "policy update offered");
+                    self.policy_offered.insert(device.clone(), sequence);
+                }
+            }
+        }
         for (device, model) in &self.devices {
-            let Some(entry) = self.latest.get(model) else {
+            let Some(entry) = model.as_ref().and_then(|m| self.latest.get(m)) else {
                 continue;
             };
             let m = &entry.manifest.content;
@@ -165,10 +187,8 @@ impl Server {
         let device = parsed.device.to_owned();
         match (parsed.channel, decode(payload, &self.limits)) {
             (Channel::Status, Ok(Message::DeviceStatus(status))) => {
-                if let Some(model) = status.model {
-                    self.devices.insert(device, model.name);
-                    self.offer(session);
-                }
+                self.devices.insert(device, status.model.map(|m| m.name));
+                self.offer(session);
             }
             (Channel::OtaRequest, Ok(Message::OtaChunkRequest(request))) => {
                 self.serve(session, &device, request);
@@ -203,6 +223,8 @@ pub async fn run(
         devices: HashMap::new(),
         latest: HashMap::new(),
         offered: HashMap::new(),
+        policy: None,
+        policy_offered: HashMap::new(),
         stats,
     };
     server.rescan();
@@ -231,6 +253,7 @@ pub async fn run(
                     // A new session: offer again (retained manifests survive, but a broker
                     // restarted without persistence lost them).
                     server.offered.clear();
+                    server.policy_offered.clear();
                     server.offer(&session);
                 }
                 SessionEvent::Message { topic, payload, .. } => {

@@ -20,6 +20,7 @@ use cascade_proto::model::{ModelRef, Version};
 use cascade_proto::ota::{
     ArtifactInfo, ArtifactKind, DeltaFormat, DeltaInfo, Manifest, TargetSelector,
 };
+use cascade_proto::policy::Policy;
 use cascade_proto::signing::{KeyId, Signed, SigningKey};
 use sha2::{Digest, Sha256};
 
@@ -306,6 +307,64 @@ impl Registry {
     }
 }
 
+impl Registry {
+    fn policies_dir(&self) -> PathBuf {
+        // A model may not be named `.policies` (names start with a letter or digit).
+        self.dir.join(".policies")
+    }
+
+    /// Signs `policy` as the next policy update (its sequence is set to one above the last) and
+    /// stores it; a running escalator offers it to every device it targets.
+    pub fn publish_policy(
+        &self,
+        mut policy: Policy,
+        key: &SigningKey,
+    ) -> Result<Signed<Policy>, RegistryError> {
+        let dir = self.policies_dir();
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        policy.sequence = self.latest_policy()?.map_or(1, |p| p.content.sequence + 1);
+        let signed = Signed::sign(policy, key);
+        // The checks devices apply (ranges, target), before anything is stored.
+        let message = cascade_proto::Message::PolicyUpdate(signed.clone());
+        cascade_proto::decode(
+            &cascade_proto::encode(&message),
+            &cascade_proto::Limits::default(),
+        )
+        .map_err(|e| RegistryError::Invalid(format!("policy refused: {e}")))?;
+        let json = serde_json::to_vec_pretty(&signed)
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        write_atomically(
+            &dir.join(format!("{:020}.json", signed.content.sequence)),
+            &json,
+        )?;
+        Ok(signed)
+    }
+
+    /// The newest policy update, if any.
+    pub fn latest_policy(&self) -> Result<Option<Signed<Policy>>, RegistryError> {
+        let dir = self.policies_dir();
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return Ok(None);
+        };
+        let mut names: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .collect();
+        names.sort();
+        let Some(path) = names.pop() else {
+            return Ok(None);
+        };
+        let text = fs::read(&path).map_err(io(&path))?;
+        serde_json::from_slice(&text)
+            .map(Some)
+            .map_err(|e| RegistryError::Corrupt {
+                path,
+                problem: e.to_string(),
+            })
+    }
+}
+
 /// Sets `name` and `version` in a sidecar's TOML, keeping the rest; checks the result is a valid
 /// sidecar.
 fn restamp_sidecar(text: &str, name: &str, version: Version) -> Result<String, String> {
@@ -537,6 +596,34 @@ mod tests {
             Version::new(1, 10, 0)
         );
         assert_eq!(registry.list().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn policies_are_numbered_in_order_and_the_newest_is_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(dir.path()).unwrap();
+        let key = SigningKey::from_bytes(&[7; 32]);
+        assert!(registry.latest_policy().unwrap().is_none());
+        let example =
+            match cascade_proto::examples::example(cascade_proto::MessageKind::PolicyUpdate) {
+                cascade_proto::Message::PolicyUpdate(p) => p.content,
+                _ => unreachable!(),
+            };
+        let first = registry.publish_policy(example.clone(), &key).unwrap();
+        let second = registry.publish_policy(example, &key).unwrap();
+        assert_eq!((first.content.sequence, second.content.sequence), (1, 2));
+        assert_eq!(registry.latest_policy().unwrap().as_ref(), Some(&second));
+        // Policies do not show up as models.
+        assert!(registry.list().unwrap().is_empty());
+        // A policy devices would refuse is refused here.
+        let mut bad = second.content.clone();
+        bad.threshold = 5.0;
+        let e = registry.publish_policy(bad, &key).unwrap_err().to_string();
+        assert!(e.contains("threshold"), "{e}");
+        assert_eq!(
+            registry.latest_policy().unwrap().unwrap().content.sequence,
+            2
+        );
     }
 
     #[test]

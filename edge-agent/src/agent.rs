@@ -507,7 +507,9 @@ impl Decider {
                     if let Some(p) = update
                         && self.policy.replace(p, now_ms())
                     {
-                        tracing::info!(sequence = self.policy.policy().sequence, "new escalation policy in force");
+                        let sequence = self.policy.policy().sequence;
+                        self.stats.policy_sequence.store(sequence, std::sync::atomic::Ordering::Relaxed);
+                        tracing::info!(sequence, "new escalation policy in force");
                     }
                 }
                 _ = release.tick(), if !self.held.is_empty() => {
@@ -787,7 +789,9 @@ async fn telemetry(
             presence: Presence::Online,
             agent_version: VERSION.into(),
             model: Some(model.clone()),
-            policy_sequence: 0,
+            policy_sequence: stats
+                .policy_sequence
+                .load(std::sync::atomic::Ordering::Relaxed),
             counters: stats.counters(),
             uptime_s: started.elapsed().as_secs(),
             at_ms: now_ms(),

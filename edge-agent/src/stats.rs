@@ -8,6 +8,8 @@ use cascade_proto::status::{Counters, Telemetry};
 /// The agent's counters. Shared by its tasks; every field is a running total.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// Sequence of the signed policy in force (0: the configured one).
+    pub policy_sequence: AtomicU64,
     /// Inputs classified.
     pub inputs: AtomicU64,
     /// Inputs that failed (unreadable, wrong shape, inference error).

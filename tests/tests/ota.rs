@@ -406,3 +406,67 @@ async fn a_retrained_version_travels_as_a_delta_from_the_running_one() {
     assert!(agent.stop(Duration::from_secs(5)).await);
     assert!(escalator.stop(Duration::from_secs(5)).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_policy_update_reaches_the_agents_through_the_same_channel() {
+    init_logs();
+    let broker = Mosquitto::start().expect("mosquitto");
+    let dir = tempfile::tempdir().unwrap();
+    let key = SigningKey::from_bytes(&[6; 32]);
+    let registry = Registry::open(&dir.path().join("registry")).unwrap();
+    let escalator = escalator(&broker.url(), dir.path(), &dir.path().join("registry")).await;
+    // The test configuration escalates everything (threshold 1, every input audited).
+    let agent = start(&agent_config(
+        "ota-f",
+        &broker.url(),
+        &dir.path().join("agent"),
+        &key,
+    ))
+    .await;
+    let mut policy =
+        match cascade_proto::examples::example(cascade_proto::MessageKind::PolicyUpdate) {
+            cascade_proto::Message::PolicyUpdate(p) => p.content,
+            _ => unreachable!(),
+        };
+    policy.threshold = 0.0;
+    policy.class_thresholds.clear();
+    policy.audit_rate = 0.0;
+    policy.target = parse_target("devices:ota-f", "m").unwrap();
+    let signed = registry.publish_policy(policy, &key).unwrap();
+    let in_force = || {
+        agent
+            .stats
+            .policy_sequence
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || in_force()
+            == signed.content.sequence)
+        .await,
+        "the policy is in force"
+    );
+    for (i, t) in digits(10).into_iter().enumerate() {
+        agent
+            .inputs
+            .send(InputItem::new(format!("digit-{i}"), vec![t]))
+            .await
+            .unwrap();
+    }
+    let inputs = || {
+        agent
+            .stats
+            .inputs
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert!(eventually(Duration::from_secs(10), || inputs() == 10).await);
+    assert_eq!(
+        agent
+            .stats
+            .escalations
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "nothing is escalated under the new policy"
+    );
+    assert!(agent.stop(Duration::from_secs(5)).await);
+    assert!(escalator.stop(Duration::from_secs(5)).await);
+}
