@@ -648,6 +648,9 @@ impl Updater {
         fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
         let chunks = info.chunk_count() as usize;
         let part_path = dir.join(format!("{stem}.part"));
+        // No part file (a crash after it was moved into place, before the switch): nothing
+        // downloaded counts any more.
+        let part_existed = part_path.exists();
         let part = fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -658,7 +661,11 @@ impl Updater {
         part.set_len(info.size)
             .map_err(io("cannot size", &part_path))?;
         let have_path = dir.join(format!("{stem}.have"));
-        let mut have_bytes = fs::read(&have_path).unwrap_or_default();
+        let mut have_bytes = if part_existed {
+            fs::read(&have_path).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         have_bytes.resize(chunks, 0);
         let have_file = fs::OpenOptions::new()
             .write(true)
@@ -1040,6 +1047,10 @@ mod tests {
     }
 
     fn rig(state_dir: &Path, key: &SigningKey) -> Rig {
+        rig_with(state_dir, key, OtaConfig::default())
+    }
+
+    fn rig_with(state_dir: &Path, key: &SigningKey, config: OtaConfig) -> Rig {
         let (inbound, inbound_rx) = mpsc::channel(64);
         let (link_tx, link) = mpsc::channel(64);
         let (activated_tx, activated) = watch::channel(None);
@@ -1049,7 +1060,7 @@ mod tests {
             "dev-1".into(),
             None,
             keyring,
-            OtaConfig::default(),
+            config,
             LoadOptions::default(),
             state_dir.to_owned(),
             ModelRef::new("digits-edge", "1.0.0".parse().unwrap()),
@@ -1202,6 +1213,87 @@ mod tests {
         );
         second.shutdown.cancel();
         second.task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn chunks_lost_with_the_connection_are_asked_for_again() {
+        let state = tempfile::tempdir().unwrap();
+        let key = SigningKey::from_bytes(&[9; 32]);
+        let bytes = fs::read(models().join("digits-edge.f32.onnx")).unwrap();
+        let config = OtaConfig {
+            timeout_ms: 300,
+            ..OtaConfig::default()
+        };
+        let mut rig = rig_with(state.path(), &key, config);
+        rig.inbound
+            .send(OtaInbound::Manifest(Box::new(signed_manifest(
+                &bytes, &key,
+            ))))
+            .await
+            .unwrap();
+        assert_eq!(next_request(&mut rig.link).await.count, 6);
+        // The connection drops after four chunks: the last two never come.
+        for i in 0..4 {
+            rig.inbound.send(chunk(&bytes, i)).await.unwrap();
+        }
+        let again = next_request(&mut rig.link).await;
+        assert_eq!(
+            (again.first, again.count),
+            (4, 2),
+            "asked again after the timeout"
+        );
+        for i in 4..6 {
+            rig.inbound.send(chunk(&bytes, i)).await.unwrap();
+        }
+        tokio::time::timeout(Duration::from_secs(20), rig.activated.changed())
+            .await
+            .expect("activated")
+            .unwrap();
+        rig.shutdown.cancel();
+        rig.task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_crash_between_installing_and_switching_serves_the_old_model_and_recovers() {
+        let state = tempfile::tempdir().unwrap();
+        let key = SigningKey::from_bytes(&[9; 32]);
+        let bytes = fs::read(models().join("digits-edge.f32.onnx")).unwrap();
+        let manifest = signed_manifest(&bytes, &key);
+        // The state a kill leaves after the file was moved into place and before active.toml
+        // was renamed: the download's manifest and a full `have`, no part file, no switch.
+        let download = state.path().join("ota/download");
+        fs::create_dir_all(&download).unwrap();
+        fs::write(
+            download.join("manifest.json"),
+            serde_json::to_vec(&manifest).unwrap(),
+        )
+        .unwrap();
+        fs::write(download.join("model.have"), [1u8; 6]).unwrap();
+        let installed = state.path().join("models/digits-edge-2.0.0");
+        fs::create_dir_all(&installed).unwrap();
+        fs::write(installed.join("model"), &bytes).unwrap();
+        assert!(active_model(state.path()).is_none(), "the old model serves");
+
+        let mut rig = rig(state.path(), &key);
+        let request = next_request(&mut rig.link).await;
+        assert_eq!(
+            (request.first, request.count),
+            (0, 6),
+            "nothing counts without the part file"
+        );
+        for i in 0..6 {
+            rig.inbound.send(chunk(&bytes, i)).await.unwrap();
+        }
+        tokio::time::timeout(Duration::from_secs(20), rig.activated.changed())
+            .await
+            .expect("activated")
+            .unwrap();
+        assert_eq!(
+            fs::read(active_model(state.path()).unwrap().path).unwrap(),
+            bytes
+        );
+        rig.shutdown.cancel();
+        rig.task.await.unwrap();
     }
 
     #[tokio::test]
