@@ -14,9 +14,12 @@ MODEL=${MODEL:-models/digits-cloud.onnx}   # 606 KB: ten 64 KiB chunks
 BASE=${BASE:-models/digits-edge.f32.onnx}
 RETRAINED=${RETRAINED:-models/testdata/digits-edge.unsure.onnx}
 
-echo "building cloud-escalator (release)" >&2
-cargo build --release --quiet -p cloud-escalator
-ESCALATOR=$PWD/target/release/cloud-escalator
+# ESCALATOR=path skips the build and uses that binary.
+if [ -z "${ESCALATOR:-}" ]; then
+  echo "building cloud-escalator (release)" >&2
+  cargo build --release --quiet -p cloud-escalator
+  ESCALATOR=$PWD/target/release/cloud-escalator
+fi
 dir=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 printf 'listener %s 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\nmax_queued_messages 10000\n' "$port" > "$dir/mosquitto.conf"
