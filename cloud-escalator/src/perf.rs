@@ -595,38 +595,55 @@ pub async fn ota_fleet(
             let mut manifest: Option<Manifest> = None;
             let mut data: Vec<u8> = Vec::new();
             let mut have: Vec<bool> = Vec::new();
-            let (mut next, mut in_flight, mut wire) = (0u32, 0u32, 0u64);
+            let mut requested: Vec<bool> = Vec::new();
+            let (mut in_flight, mut wire) = (0u32, 0u64);
             let deadline = tokio::time::Instant::now() + o.timeout;
             loop {
-                let event = tokio::time::timeout_at(deadline, eventloop.poll()).await;
-                let Ok(event) = event else {
+                if tokio::time::Instant::now() >= deadline {
                     anyhow::bail!("{device}: not updated within {:?}", o.timeout);
-                };
-                let Event::Incoming(Packet::Publish(p)) = event? else {
-                    continue;
-                };
-                let topic_name = String::from_utf8_lossy(&p.topic).into_owned();
-                wire += publish_wire_bytes(&topic_name, p.payload.len());
-                match decode(&p.payload, &limits)? {
-                    Message::OtaManifest(signed) if manifest.is_none() => {
-                        let m = signed.content;
-                        data = vec![0; m.full.size as usize];
-                        have = vec![false; m.full.chunk_count() as usize];
-                        manifest = Some(m);
+                }
+                // As the agent does: chunks that do not come within 2 s are asked for again (the
+                // escalator drops chunks when its queue to the broker is full).
+                let publish =
+                    match tokio::time::timeout(Duration::from_secs(2), eventloop.poll()).await {
+                        Ok(event) => match event? {
+                            Event::Incoming(Packet::Publish(p)) => Some(p),
+                            _ => continue,
+                        },
+                        Err(_) => {
+                            requested.clone_from(&have);
+                            in_flight = 0;
+                            None
+                        }
+                    };
+                if let Some(p) = publish {
+                    let topic_name = String::from_utf8_lossy(&p.topic).into_owned();
+                    wire += publish_wire_bytes(&topic_name, p.payload.len());
+                    match decode(&p.payload, &limits)? {
+                        Message::OtaManifest(signed) if manifest.is_none() => {
+                            let m = signed.content;
+                            data = vec![0; m.full.size as usize];
+                            have = vec![false; m.full.chunk_count() as usize];
+                            requested = have.clone();
+                            manifest = Some(m);
+                        }
+                        Message::OtaChunk(c) => {
+                            let Some(m) = &manifest else { continue };
+                            anyhow::ensure!(
+                                m.full.chunk_matches(c.index, &c.data),
+                                "{device}: bad chunk {}",
+                                c.index
+                            );
+                            if have[c.index as usize] {
+                                continue; // A repeat of a chunk asked for again.
+                            }
+                            let start = c.index as usize * m.full.chunk_size as usize;
+                            data[start..start + c.data.len()].copy_from_slice(&c.data);
+                            have[c.index as usize] = true;
+                            in_flight = in_flight.saturating_sub(1);
+                        }
+                        _ => continue,
                     }
-                    Message::OtaChunk(c) => {
-                        let Some(m) = &manifest else { continue };
-                        anyhow::ensure!(
-                            m.full.chunk_matches(c.index, &c.data),
-                            "{device}: bad chunk {}",
-                            c.index
-                        );
-                        let start = c.index as usize * m.full.chunk_size as usize;
-                        data[start..start + c.data.len()].copy_from_slice(&c.data);
-                        have[c.index as usize] = true;
-                        in_flight -= 1;
-                    }
-                    _ => continue,
                 }
                 let Some(m) = &manifest else { continue };
                 if have.iter().all(|h| *h) {
@@ -636,27 +653,28 @@ pub async fn ota_fleet(
                     );
                     return Ok::<(u64, u64), anyhow::Error>((wire, m.full.size));
                 }
-                // Keep the window full.
-                while in_flight < u32::from(o.window) && (next as usize) < have.len() {
-                    let count = (u32::from(o.window) - in_flight)
-                        .min(have.len() as u32 - next)
-                        .min(64) as u16;
-                    let request = ChunkRequest {
-                        model: m.model.clone(),
-                        artifact: ArtifactKind::Full,
-                        first: next,
-                        count,
-                    };
-                    client
-                        .publish(
-                            topic(Channel::OtaRequest),
-                            QoS::AtLeastOnce,
-                            false,
-                            encode(&Message::OtaChunkRequest(request)),
-                        )
-                        .await?;
-                    next += u32::from(count);
-                    in_flight += u32::from(count);
+                // Keep the window full, one request per missing chunk.
+                let mut i = 0;
+                while in_flight < u32::from(o.window) && i < requested.len() {
+                    if !requested[i] {
+                        let request = ChunkRequest {
+                            model: m.model.clone(),
+                            artifact: ArtifactKind::Full,
+                            first: i as u32,
+                            count: 1,
+                        };
+                        client
+                            .publish(
+                                topic(Channel::OtaRequest),
+                                QoS::AtLeastOnce,
+                                false,
+                                encode(&Message::OtaChunkRequest(request)),
+                            )
+                            .await?;
+                        requested[i] = true;
+                        in_flight += 1;
+                    }
+                    i += 1;
                 }
             }
         });

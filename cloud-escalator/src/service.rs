@@ -426,7 +426,9 @@ pub async fn start(
         );
         options.set_clean_start(true);
         options.set_session_expiry_interval(None);
-        let session = Session::new(config.broker.protocol, options, None, 1024);
+        // Each queued request holds a chunk (64 KiB by default), so the queue bounds the memory
+        // chunks waiting for the broker take; devices ask again for what was not queued.
+        let session = Session::new(config.broker.protocol, options, None, 128);
         tracker.spawn(crate::ota::run(
             registry,
             config.fleet.clone(),
