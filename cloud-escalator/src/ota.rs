@@ -139,10 +139,20 @@ impl Server {
     }
 
     fn serve(&mut self, session: &Session, device: &str, request: ChunkRequest) {
-        let entry = match self
-            .registry
-            .get(&request.model.name, request.model.version)
-        {
+        // The version being offered is in memory since the last rescan; an older one (a device
+        // finishing a download) is read from the registry.
+        let cached = self
+            .latest
+            .get(&request.model.name)
+            .filter(|e| e.manifest.content.model == request.model)
+            .cloned();
+        let entry = match cached.map_or_else(
+            || {
+                self.registry
+                    .get(&request.model.name, request.model.version)
+            },
+            Ok,
+        ) {
             Ok(entry) => entry,
             Err(e) => {
                 self.refuse(device, &request, &e.to_string());
@@ -256,8 +266,8 @@ pub async fn run(
                     server.policy_offered.clear();
                     server.offer(&session);
                 }
-                SessionEvent::Message { topic, payload, .. } => {
-                    server.incoming(&session, &topic, &payload);
+                SessionEvent::Message(m) => {
+                    server.incoming(&session, &m.topic, &m.payload);
                 }
                 SessionEvent::Lost(e) => {
                     let delay = backoff.next_delay();

@@ -390,17 +390,7 @@ fn read_dir_names(dir: &Path) -> Result<Vec<String>, RegistryError> {
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), RegistryError> {
-    let tmp = path.with_extension("tmp");
-    let mut file = fs::File::create(&tmp).map_err(io(&tmp))?;
-    file.write_all(bytes).map_err(io(&tmp))?;
-    file.sync_all().map_err(io(&tmp))?;
-    fs::rename(&tmp, path).map_err(io(path))?;
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(dir))?;
-    }
-    Ok(())
+    edge_agent::ota::write_file_atomically(path, bytes).map_err(io(path))
 }
 
 fn now_ms() -> u64 {

@@ -35,7 +35,7 @@ use cascade_proto::policy::TokenBucket;
 use cascade_proto::topic::{Channel, DeviceTopic, Filter};
 use cascade_proto::{DecodeError, Limits, Message, decode, encode};
 use edge_agent::connection::{Backoff, mqtt_options, tls_config};
-use edge_agent::mqtt::{Ack, MqttVersion, Session, SessionEvent};
+use edge_agent::mqtt::{Ack, Incoming, MqttVersion, Session, SessionEvent};
 use ndarray::{ArrayD, Axis, IxDyn};
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use tokio::sync::mpsc;
@@ -531,16 +531,6 @@ struct Consumer {
     session: Session,
 }
 
-/// An escalation as it arrived, with what is needed to answer and acknowledge it.
-struct Received {
-    topic: Bytes,
-    payload: Bytes,
-    response_topic: Option<String>,
-    correlation: Option<Bytes>,
-    expiry_s: Option<u32>,
-    ack: Ack,
-}
-
 impl Consumer {
     async fn run(mut self, mut done: mpsc::Receiver<Done>, shutdown: CancellationToken) {
         let mut backoff = Backoff::default();
@@ -590,10 +580,8 @@ impl Consumer {
                             tracing::error!("cannot subscribe: client queue full");
                         }
                     }
-                    SessionEvent::Message { topic, payload, response_topic, correlation, expiry_s, ack } if !draining => {
-                        self.receive(Received { topic, payload, response_topic, correlation, expiry_s, ack }).await;
-                    }
-                    SessionEvent::Message { .. } | SessionEvent::Disconnected | SessionEvent::Other => {}
+                    SessionEvent::Message(m) if !draining => self.receive(m).await,
+                    SessionEvent::Message(_) | SessionEvent::Disconnected | SessionEvent::Other => {}
                     SessionEvent::Lost(e) => {
                         let delay = backoff.next_delay();
                         tracing::warn!(error = %e, "broker connection lost");
@@ -673,7 +661,7 @@ impl Consumer {
         }
     }
 
-    async fn receive(&mut self, p: Received) {
+    async fn receive(&mut self, p: Incoming) {
         let received = Instant::now();
         let seq = self.next_seq;
         self.next_seq += 1;

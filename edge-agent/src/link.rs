@@ -463,9 +463,9 @@ pub async fn run(
                     }
                     first_session = false;
                 }
-                SessionEvent::Message { topic, payload, .. } => {
-                    let topic_name = String::from_utf8_lossy(&topic).into_owned();
-                    link.incoming(&topic_name, &payload).await;
+                SessionEvent::Message(m) => {
+                    let topic_name = String::from_utf8_lossy(&m.topic).into_owned();
+                    link.incoming(&topic_name, &m.payload).await;
                 }
                 SessionEvent::Disconnected | SessionEvent::Other => {}
                 SessionEvent::Lost(e) => {

@@ -66,6 +66,23 @@ pub struct Will {
     pub payload: Vec<u8>,
 }
 
+/// A message received on a subscribed topic, with what is needed to answer and acknowledge it.
+#[derive(Debug)]
+pub struct Incoming {
+    /// Its topic.
+    pub topic: Bytes,
+    /// Its payload.
+    pub payload: Bytes,
+    /// MQTT 5 response topic, when the sender set one.
+    pub response_topic: Option<String>,
+    /// MQTT 5 correlation data, when the sender set it.
+    pub correlation: Option<Bytes>,
+    /// MQTT 5 message expiry, seconds left, when the sender set one.
+    pub expiry_s: Option<u32>,
+    /// Acknowledges the message, for sessions with manual acknowledgements.
+    pub ack: Ack,
+}
+
 /// What [`Session::poll`] saw.
 #[derive(Debug)]
 pub enum SessionEvent {
@@ -77,20 +94,7 @@ pub enum SessionEvent {
         version: MqttVersion,
     },
     /// A message on a subscribed topic.
-    Message {
-        /// Its topic.
-        topic: Bytes,
-        /// Its payload.
-        payload: Bytes,
-        /// MQTT 5 response topic, when the sender set one.
-        response_topic: Option<String>,
-        /// MQTT 5 correlation data, when the sender set it.
-        correlation: Option<Bytes>,
-        /// MQTT 5 message expiry, seconds left, when the sender set one.
-        expiry_s: Option<u32>,
-        /// Acknowledges the message, for sessions with manual acknowledgements.
-        ack: Ack,
-    },
+    Message(Incoming),
     /// Our DISCONNECT went out.
     Disconnected,
     /// The connection failed or was lost; poll again (after a backoff) to reconnect.
@@ -216,14 +220,14 @@ impl Session {
                 Ok(v5::Event::Incoming(v5::mqttbytes::v5::Packet::Publish(p))) => {
                     let properties = p.properties.clone().unwrap_or_default();
                     (
-                        SessionEvent::Message {
+                        SessionEvent::Message(Incoming {
                             topic: p.topic.clone(),
                             payload: p.payload.clone(),
                             response_topic: properties.response_topic,
                             correlation: properties.correlation_data,
                             expiry_s: properties.message_expiry_interval,
                             ack: Ack(AckInner::V5(Box::new(p))),
-                        },
+                        }),
                         false,
                     )
                 }
@@ -245,14 +249,14 @@ impl Session {
                     false,
                 ),
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => (
-                    SessionEvent::Message {
+                    SessionEvent::Message(Incoming {
                         topic: Bytes::from(p.topic.clone().into_bytes()),
                         payload: p.payload.clone(),
                         response_topic: None,
                         correlation: None,
                         expiry_s: None,
                         ack: Ack(AckInner::V311(Box::new(p))),
-                    },
+                    }),
                     false,
                 ),
                 Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {

@@ -1007,16 +1007,23 @@ fn smoke_test(model_path: &Path, load: &LoadOptions) -> Result<(), String> {
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), UpdateError> {
+    write_file_atomically(path, bytes).map_err(io("cannot write", path))
+}
+
+/// Writes `bytes` to `path` so that a crash leaves the old file or the new one, never a mix:
+/// a temporary file beside it, flushed, renamed over it, and the directory flushed. Creates the
+/// directory if needed. The escalator's model registry writes the same way.
+pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
+        fs::create_dir_all(dir)?;
     }
-    let mut file = fs::File::create(&tmp).map_err(io("cannot create", &tmp))?;
-    file.write_all(bytes).map_err(io("cannot write", &tmp))?;
-    file.sync_all().map_err(io("cannot flush", &tmp))?;
-    fs::rename(&tmp, path).map_err(io("cannot rename", path))?;
+    let mut file = fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    fs::rename(&tmp, path)?;
     if let Some(dir) = path.parent() {
-        sync_dir(dir)?;
+        fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
 }
