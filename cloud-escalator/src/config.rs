@@ -57,6 +57,13 @@ pub struct EscalatorConfig {
     /// Over-the-air model updates (served when `ota.registry` is set).
     #[serde(default)]
     pub ota: crate::ota::OtaConfig,
+    /// Fleet management (`[management]`): device registry, HTTP API and console; off without
+    /// this section.
+    #[serde(default)]
+    pub management: Option<crate::fleet::FleetConfig>,
+    /// Device identity (`[identity]`): the fleet CA, enrollment, the mutual-TLS device gate.
+    #[serde(default)]
+    pub identity: Option<crate::fleet::IdentityConfig>,
 }
 
 fn default_fleet() -> String {
@@ -260,6 +267,29 @@ impl EscalatorConfig {
         }
         if self.limits.max_message_bytes < 1024 {
             return invalid("limits.max_message_bytes must be at least 1024".into());
+        }
+        if let Some(management) = &self.management {
+            management.validate().or_else(invalid)?;
+        }
+        if let Some(identity) = &self.identity {
+            identity.validate().or_else(invalid)?;
+            if identity.gate_listen.is_some() {
+                if self.broker.url.is_some() {
+                    return invalid("identity.gate_listen guards the embedded broker; with broker.url, let that broker check certificates (docs/fleet.md)".into());
+                }
+                // Devices must not be able to go around the gate.
+                let exposed = std::iter::once(self.broker.listen)
+                    .chain(self.broker.listen_v311)
+                    .find(|a| !a.ip().is_loopback());
+                if let Some(addr) = exposed {
+                    return invalid(format!(
+                        "with identity.gate_listen, the embedded broker must listen on loopback only (broker.listen / listen_v311 = {addr}); devices connect to the gate"
+                    ));
+                }
+            }
+        }
+        if self.ota.signing_key.is_some() && self.ota.registry.is_none() {
+            return invalid("ota.signing_key is set but ota.registry is not".into());
         }
         Ok(())
     }

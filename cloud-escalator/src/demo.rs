@@ -207,7 +207,21 @@ pub async fn run(options: DemoOptions, out: &mut (dyn Write + Send)) -> anyhow::
         tail_model: Some(options.tail_model.clone()),
         threads: 1,
     }];
+    // The fleet console, on a free port, with an admin token for this run.
+    let management = cloud_escalator::fleet::FleetConfig {
+        store: state.path().join("fleet.db").display().to_string(),
+        listen: ([127, 0, 0, 1], 0).into(),
+        ..Default::default()
+    };
+    let fleet_store = management.store.clone();
+    config.management = Some(management);
     let escalator = cloud_escalator::service::start(config, shutdown.child_token()).await?;
+    if let Some(api) = escalator.fleet_api {
+        use cloud_escalator::fleet::{db::Db, now_ms, store};
+        let mut db = Db::open(&fleet_store)?;
+        let token = store::create_token(&mut db, "demo", store::Role::Admin, now_ms())?;
+        writeln!(out, "fleet console http://{api}/  (token {token})\n")?;
+    }
 
     let mut agents: Vec<AgentHandle> = Vec::new();
     let (merged_tx, mut merged) = mpsc::channel::<ResultEvent>(8192);

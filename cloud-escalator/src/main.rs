@@ -1,6 +1,7 @@
 //! `cloud-escalator`: the cloud side of Cascade. A thin shell over the `cloud_escalator` library.
 
 mod demo;
+mod install;
 mod perf;
 
 use std::io::{Read, Write};
@@ -96,6 +97,41 @@ enum Command {
     /// The formats are described in docs/protocol.md.
     #[command(subcommand)]
     Codec(CodecCommand),
+    /// Install the escalator as a hardened systemd service on this host (as root; try --dry-run).
+    ///
+    /// Steps: create the system user `cascade` unless it exists (useradd --system); create
+    /// /etc/cascade and /var/lib/cascade/escalator; copy this binary to BIN_DIR/cloud-escalator;
+    /// write /etc/cascade/escalator.toml from --config FILE or a template to edit, only if absent
+    /// (an existing configuration is never overwritten); write
+    /// /etc/systemd/system/cloud-escalator.service; systemctl daemon-reload; with --start,
+    /// systemctl enable --now. The unit makes the store's directory and the OTA registry
+    /// writable: run it again after changing those, and after an upgrade. See docs/install.md.
+    Install(edge_agent::install::InstallArgs),
+    /// Run the fleet from the command line: devices, rollouts, activity, audit, tokens, over the
+    /// escalator's fleet API (its `[management] listen` address; docs/fleet.md).
+    ///
+    /// Give the API with --server (or CASCADE_SERVER) and a token with --token (or
+    /// CASCADE_TOKEN). Tables by default, the API's JSON with --json.
+    Fleet {
+        #[command(flatten)]
+        connection: cloud_escalator::fleet::client::Connection,
+        #[command(subcommand)]
+        command: cloud_escalator::fleet::client::FleetCommand,
+    },
+    /// Create the first admin token directly in the fleet store (on the escalator's host, before
+    /// any token exists). Prints the token once; later tokens come from `fleet token create`.
+    BootstrapToken {
+        /// The fleet store: `[management] store` of the escalator's configuration (a SQLite path or a
+        /// postgres:// URL).
+        #[arg(long)]
+        store: String,
+        /// A name for the audit log.
+        #[arg(long, default_value = "admin")]
+        name: String,
+        /// `admin` or `read_only`.
+        #[arg(long, default_value = "admin")]
+        role: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -401,6 +437,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             writeln!(out, "{n} examples written to {}", dir.display())?;
         }
         Command::Models(command) => models(command, &mut out)?,
+        Command::Install(args) => edge_agent::install::run(&install::ESCALATOR, &args, &mut out)?,
+        Command::Fleet {
+            connection,
+            command,
+        } => {
+            let text = cloud_escalator::fleet::client::run(&connection, &command)?;
+            out.write_all(text.as_bytes())?;
+        }
+        Command::BootstrapToken { store, name, role } => {
+            use cloud_escalator::fleet::{db::Db, now_ms, store as fleet_store};
+            let role = fleet_store::Role::parse(&role)
+                .with_context(|| format!("role {role:?}: admin or read_only"))?;
+            let mut db = Db::open(&store)?;
+            let token = fleet_store::create_token(&mut db, &name, role, now_ms())?;
+            fleet_store::audit(&mut db, "bootstrap", "token.create", &name, "{}", now_ms())?;
+            writeln!(out, "{token}")?;
+        }
         Command::Demo { .. } | Command::Serve { .. } | Command::Perf(_) => {
             unreachable!("handled in main")
         }
@@ -713,5 +766,17 @@ fn main() -> ExitCode {
             // EX_DATAERR: the input was wrong, not the invocation.
             ExitCode::from(65)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// clap checks the whole command tree (duplicate names, conflicting flags) only when asked.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
     }
 }

@@ -37,6 +37,10 @@ pub struct OtaConfig {
     /// How often the registry is rescanned, milliseconds.
     #[serde(default = "default_rescan_ms")]
     pub rescan_ms: u64,
+    /// The signing key (`models keygen`) the fleet API signs rollout changes with; without it the
+    /// API shows rollouts but cannot change them.
+    #[serde(default)]
+    pub signing_key: Option<PathBuf>,
 }
 
 fn default_rescan_ms() -> u64 {

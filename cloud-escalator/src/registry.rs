@@ -128,23 +128,53 @@ impl Registry {
                 cascade_proto::ota::MAX_CHUNK_SIZE
             )));
         }
-        let dir = self.version_dir(name, version);
-        if dir.join("manifest.json").exists() {
+        if self
+            .version_dir(name, version)
+            .join("manifest.json")
+            .exists()
+        {
             return Err(RegistryError::Exists(model_ref));
         }
         let bytes = fs::read(model).map_err(io(model))?;
         let sidecar_path = Metadata::sidecar_path(model);
         let sidecar = fs::read_to_string(&sidecar_path).map_err(io(&sidecar_path))?;
+        self.publish_bytes(&bytes, &sidecar, name, version, target, key, chunk_size)
+            .map_err(|e| match e {
+                RegistryError::Sidecar { problem, .. } => RegistryError::Sidecar {
+                    path: sidecar_path,
+                    problem,
+                },
+                e => e,
+            })
+    }
+
+    /// Publishes a model given as bytes and sidecar text (see [`Registry::publish`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn publish_bytes(
+        &self,
+        bytes: &[u8],
+        sidecar: &str,
+        name: &str,
+        version: Version,
+        target: TargetSelector,
+        key: &SigningKey,
+        chunk_size: u32,
+    ) -> Result<Signed<Manifest>, RegistryError> {
+        let model_ref = ModelRef::new(name, version);
+        let dir = self.version_dir(name, version);
+        if dir.join("manifest.json").exists() {
+            return Err(RegistryError::Exists(model_ref));
+        }
         let sidecar =
-            restamp_sidecar(&sidecar, name, version).map_err(|problem| RegistryError::Sidecar {
-                path: sidecar_path.clone(),
+            restamp_sidecar(sidecar, name, version).map_err(|problem| RegistryError::Sidecar {
+                path: PathBuf::from("(sidecar)"),
                 problem,
             })?;
         // A delta from the highest earlier version, when it saves at least a tenth.
-        let delta = self.delta_from_previous(name, version, &bytes)?;
+        let delta = self.delta_from_previous(name, version, bytes)?;
         let manifest = Manifest {
             model: model_ref,
-            full: ArtifactInfo::describe(&bytes, chunk_size),
+            full: ArtifactInfo::describe(bytes, chunk_size),
             delta: delta.as_ref().map(|(base, d)| DeltaInfo {
                 base: *base,
                 format: DeltaFormat::ZstdPatch,
@@ -156,7 +186,7 @@ impl Registry {
         };
         let signed = Signed::sign(manifest, key);
         fs::create_dir_all(&dir).map_err(io(&dir))?;
-        write_atomically(&dir.join("model"), &bytes)?;
+        write_atomically(&dir.join("model"), bytes)?;
         if let Some((_, d)) = &delta {
             write_atomically(&dir.join("delta"), d)?;
         }
@@ -200,6 +230,80 @@ impl Registry {
         let signed = Signed::sign(manifest, key);
         self.write_manifest(&self.version_dir(name, version), &signed)?;
         Ok(signed)
+    }
+
+    /// Stops offering a version: devices that have not installed it are offered the newest
+    /// version before it instead (those that did keep it; see [`Registry::roll_back`]).
+    pub fn pause(&self, name: &str, version: Version) -> Result<(), RegistryError> {
+        self.get(name, version)?;
+        let path = self.version_dir(name, version).join("paused");
+        write_atomically(&path, b"paused by an operator\n")
+    }
+
+    /// Offers a paused version again.
+    pub fn resume(&self, name: &str, version: Version) -> Result<(), RegistryError> {
+        self.get(name, version)?;
+        let path = self.version_dir(name, version).join("paused");
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&path)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether a version is paused.
+    pub fn is_paused(&self, name: &str, version: Version) -> bool {
+        self.version_dir(name, version).join("paused").exists()
+    }
+
+    /// Rolls a version back: pauses it and publishes the newest earlier, unpaused version's model
+    /// again as a new version above every existing one, for the same devices. Devices never
+    /// install an older version (a replayed manifest must not downgrade them), so going back means
+    /// going forward to the old bytes. Returns the new version's manifest.
+    pub fn roll_back(
+        &self,
+        name: &str,
+        version: Version,
+        key: &SigningKey,
+    ) -> Result<Signed<Manifest>, RegistryError> {
+        let bad = self.get(name, version)?;
+        let versions: Vec<Entry> = self
+            .list()?
+            .into_iter()
+            .filter(|e| e.manifest.content.model.name == name)
+            .collect();
+        let good = versions
+            .iter()
+            .rev()
+            .find(|e| {
+                let v = e.manifest.content.model.version;
+                v < version && !self.is_paused(name, v)
+            })
+            .ok_or_else(|| {
+                RegistryError::Invalid(format!(
+                    "{name} {version} has no earlier unpaused version to roll back to; pause it instead"
+                ))
+            })?;
+        let highest = versions
+            .last()
+            .map_or(version, |e| e.manifest.content.model.version);
+        let next = Version::new(
+            highest.major,
+            highest.minor,
+            highest.patch.checked_add(1).ok_or_else(|| {
+                RegistryError::Invalid(format!("{highest}: no patch number left"))
+            })?,
+        );
+        let bytes = fs::read(&good.model_path).map_err(io(&good.model_path))?;
+        self.pause(name, version)?;
+        self.publish_bytes(
+            &bytes,
+            &good.manifest.content.sidecar,
+            name,
+            next,
+            bad.manifest.content.target.clone(),
+            key,
+            good.manifest.content.full.chunk_size,
+        )
     }
 
     fn write_manifest(&self, dir: &Path, signed: &Signed<Manifest>) -> Result<(), RegistryError> {
@@ -257,10 +361,14 @@ impl Registry {
         Ok(entries)
     }
 
-    /// The newest version of each model name.
+    /// The newest version of each model name that is not paused.
     pub fn latest(&self) -> Result<Vec<Entry>, RegistryError> {
         let mut latest: Vec<Entry> = Vec::new();
         for entry in self.list()? {
+            let model = &entry.manifest.content.model;
+            if self.is_paused(&model.name, model.version) {
+                continue;
+            }
             match latest.last_mut() {
                 Some(last)
                     if last.manifest.content.model.name == entry.manifest.content.model.name =>
@@ -530,6 +638,50 @@ mod tests {
             .unwrap();
         assert!(wider.content.issued_at_ms > manifest.issued_at_ms);
         assert_eq!(registry.get("digits-edge", v2).unwrap().manifest, wider);
+    }
+
+    #[test]
+    fn pausing_hides_a_version_and_rolling_back_republishes_the_previous_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(dir.path()).unwrap();
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let (v1, v2) = (Version::new(1, 0, 0), Version::new(1, 1, 0));
+        let base = models().join("digits-edge.f32.onnx");
+        let retrained = models().join("testdata/digits-edge.unsure.onnx");
+        let canary = parse_target("canary:10", "digits-edge").unwrap();
+        registry
+            .publish(&base, "digits-edge", v1, TargetSelector::All, &key, 4096)
+            .unwrap();
+        // Nothing earlier to go back to.
+        assert!(matches!(
+            registry.roll_back("digits-edge", v1, &key),
+            Err(RegistryError::Invalid(_))
+        ));
+        registry
+            .publish(&retrained, "digits-edge", v2, canary.clone(), &key, 4096)
+            .unwrap();
+        let newest = |r: &Registry| r.latest().unwrap()[0].manifest.content.model.version;
+        assert_eq!(newest(&registry), v2);
+        registry.pause("digits-edge", v2).unwrap();
+        assert!(registry.is_paused("digits-edge", v2));
+        assert_eq!(newest(&registry), v1);
+        registry.resume("digits-edge", v2).unwrap();
+        assert_eq!(newest(&registry), v2);
+
+        let back = registry.roll_back("digits-edge", v2, &key).unwrap();
+        assert_eq!(back.content.model.version, Version::new(1, 1, 1));
+        assert_eq!(back.content.target, canary, "the same devices");
+        assert!(registry.is_paused("digits-edge", v2));
+        assert_eq!(newest(&registry), Version::new(1, 1, 1));
+        let entry = registry.get("digits-edge", Version::new(1, 1, 1)).unwrap();
+        assert_eq!(
+            fs::read(entry.model_path).unwrap(),
+            fs::read(&base).unwrap()
+        );
+        assert!(matches!(
+            registry.pause("digits-edge", Version::new(9, 0, 0)),
+            Err(RegistryError::NotFound(_))
+        ));
     }
 
     #[test]

@@ -68,6 +68,22 @@ pub enum ServiceError {
     /// TLS settings.
     #[error(transparent)]
     Tls(#[from] edge_agent::connection::TlsError),
+    /// The fleet store did not open.
+    #[error(transparent)]
+    FleetStore(#[from] crate::fleet::db::DbError),
+    /// The fleet API's address could not be bound.
+    #[error(
+        "fleet API: cannot listen on {addr}: {error} (is the port in use? set [management] listen)"
+    )]
+    FleetListen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        error: std::io::Error,
+    },
+    /// A file the configuration names could not be used (signing key, fleet CA).
+    #[error("{0}")]
+    Setup(String),
 }
 
 /// Counters of the service, shared with its tasks (and the demo).
@@ -120,6 +136,14 @@ pub struct EscalatorHandle {
     pub stats: Arc<ServiceStats>,
     /// What the OTA server did (empty without `ota.registry`).
     pub ota: Arc<crate::ota::OtaStats>,
+    /// Where the fleet API and console listen (with a `[management]` section).
+    pub fleet_api: Option<std::net::SocketAddr>,
+    /// What the device registry's ingester did.
+    pub fleet: Arc<crate::fleet::ingest::IngestStats>,
+    /// Where the device gate listens (with `[identity] gate_listen`).
+    pub gate: Option<std::net::SocketAddr>,
+    /// What the device gate did.
+    pub gate_stats: Arc<crate::gate::GateStats>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -359,6 +383,45 @@ pub async fn start(
         )?)),
         _ => None,
     };
+    let tracker = TaskTracker::new();
+    // Device identity: the fleet CA, and the gate devices connect through.
+    let ca = match &config.identity {
+        Some(identity) => Some(Arc::new(
+            crate::pki::FleetCa::open_or_create(&identity.ca_dir, &config.fleet)
+                .map_err(|e| ServiceError::Setup(e.to_string()))?,
+        )),
+        None => None,
+    };
+    let gate_stats = Arc::new(crate::gate::GateStats::default());
+    let mut gate = None;
+    if let (Some(identity), Some(ca)) = (&config.identity, &ca)
+        && let Some(listen) = identity.gate_listen
+    {
+        let server = crate::gate::server_config(ca, &identity.server_names)
+            .map_err(|e| ServiceError::Setup(e.to_string()))?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|error| {
+                ServiceError::Setup(format!("device gate: cannot listen on {listen}: {error}"))
+            })?;
+        gate = listener.local_addr().ok();
+        tracing::info!(addr = ?gate, "device gate (mutual TLS, per-device ACLs) listening");
+        tracker.spawn(crate::gate::run(
+            listener,
+            Arc::new(server),
+            crate::gate::Upstream {
+                v5: (std::net::Ipv4Addr::LOCALHOST, port).into(),
+                v311: config.broker.listen_v311,
+            },
+            config.fleet.clone(),
+            crate::gate::GateLimits {
+                max_packet: config.limits.max_message_bytes + 4096,
+                ..Default::default()
+            },
+            gate_stats.clone(),
+            shutdown.clone(),
+        ));
+    }
     // Models, per route.
     let mut routes: HashMap<String, (Arc<Served>, Option<Arc<Served>>)> = HashMap::new();
     for r in &config.routes {
@@ -388,7 +451,6 @@ pub async fn start(
     }
 
     let stats = Arc::new(ServiceStats::default());
-    let tracker = TaskTracker::new();
     let (done_tx, done_rx) = mpsc::channel::<Done>(64);
     let mut workers: HashMap<String, mpsc::Sender<Batch<Job>>> = HashMap::new();
     for (cloud, tail) in routes.values() {
@@ -439,6 +501,26 @@ pub async fn start(
         ));
     }
 
+    let fleet_stats = Arc::new(crate::fleet::ingest::IngestStats::default());
+    let (fleet_api, latencies) = match &config.management {
+        Some(fleet) => {
+            let (api, tx) = start_fleet(
+                &config,
+                fleet,
+                ca.clone(),
+                &host,
+                port,
+                tls.clone(),
+                &tracker,
+                fleet_stats.clone(),
+                &shutdown,
+            )
+            .await?;
+            (Some(api), Some(tx))
+        }
+        None => (None, None),
+    };
+
     let mut options = mqtt_options(
         &config.broker.client_id,
         &host,
@@ -488,21 +570,118 @@ pub async fn start(
         answered_order: VecDeque::new(),
         stats: stats.clone(),
         store: store_tx,
+        latencies,
         session,
     };
     tracker.spawn(consumer.run(done_rx, shutdown.clone()));
     Ok(EscalatorHandle {
         stats,
         ota: ota_stats,
+        fleet_api,
+        fleet: fleet_stats,
+        gate,
+        gate_stats,
         tracker,
         shutdown,
     })
+}
+
+/// Starts the device registry's ingester and the fleet API; returns the API's address and the
+/// sender for verdict latencies.
+#[allow(clippy::too_many_arguments)]
+async fn start_fleet(
+    config: &EscalatorConfig,
+    fleet: &crate::fleet::FleetConfig,
+    ca: Option<Arc<crate::pki::FleetCa>>,
+    host: &str,
+    port: u16,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    tracker: &TaskTracker,
+    stats: Arc<crate::fleet::ingest::IngestStats>,
+    shutdown: &CancellationToken,
+) -> Result<(std::net::SocketAddr, mpsc::Sender<u32>), ServiceError> {
+    use crate::fleet::{api, db::Db, ingest};
+    let url = fleet.store.clone();
+    let db = tokio::task::spawn_blocking(move || Db::open(&url))
+        .await
+        .map_err(|e| ServiceError::Setup(format!("fleet store: {e}")))??;
+    tracing::info!(engine = db.engine(), "fleet store open");
+    let db = Arc::new(std::sync::Mutex::new(db));
+    let listener = tokio::net::TcpListener::bind(fleet.listen)
+        .await
+        .map_err(|error| ServiceError::FleetListen {
+            addr: fleet.listen,
+            error,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|error| ServiceError::FleetListen {
+            addr: fleet.listen,
+            error,
+        })?;
+    let registry = match &config.ota.registry {
+        Some(dir) => Some(crate::registry::Registry::open(dir)?),
+        None => None,
+    };
+    let signing_key = match &config.ota.signing_key {
+        Some(path) => Some(Arc::new(crate::registry::load_key(path)?)),
+        None => None,
+    };
+    let enrollment: Option<Arc<dyn api::Enroller>> = match (&config.identity, ca) {
+        (Some(identity), Some(ca)) => Some(Arc::new(crate::fleet::enrollment::CaEnroller::new(
+            ca, identity,
+        ))),
+        _ => None,
+    };
+    let examples =
+        (config.store.path != std::path::Path::new(":memory:")).then(|| config.store.path.clone());
+    let router = api::router(api::ApiState {
+        db: db.clone(),
+        registry,
+        signing_key,
+        examples,
+        fleet: config.fleet.clone(),
+        stale_after_ms: fleet.stale_after_s * 1000,
+        enrollment,
+    });
+    tracker.spawn(api::serve(listener, router, shutdown.clone()));
+
+    let mut options = mqtt_options(
+        &format!("{}-fleet", config.broker.client_id),
+        host,
+        port,
+        Duration::from_secs(30),
+        tls,
+        crate::broker::MAX_PACKET,
+    );
+    options.set_clean_start(true);
+    options.set_session_expiry_interval(None);
+    // Retained statuses of a whole fleet arrive at once on subscribing.
+    let session = Session::new(config.broker.protocol, options, None, 1024);
+    let (tx, rx) = mpsc::channel(4096);
+    tracker.spawn(ingest::run(
+        db,
+        config.fleet.clone(),
+        fleet
+            .replica
+            .clone()
+            .unwrap_or_else(|| config.broker.client_id.clone()),
+        fleet.max_devices,
+        Duration::from_millis(fleet.flush_ms),
+        session,
+        rx,
+        stats,
+        shutdown.clone(),
+    ));
+    Ok((addr, tx))
 }
 
 /// How many answered ids (and their verdicts) are remembered for duplicates.
 const ANSWERED_MEMORY: usize = 20_000;
 
 struct Consumer {
+    /// Verdict latencies (µs) for the fleet's activity series, when the fleet registry runs.
+    latencies: Option<mpsc::Sender<u32>>,
     /// PUBACKs must go out in the order the PUBLISHes came in (MQTT 4.6): received escalations
     /// wait here until every earlier one is done.
     acks: VecDeque<(u64, Ack)>,
@@ -943,6 +1122,10 @@ impl Consumer {
             self.reply(&job.reply_topic, job.correlation.clone(), bytes.clone());
             self.complete(job.seq);
             self.stats.answered.fetch_add(1, Ordering::Relaxed);
+            if let Some(tx) = &self.latencies {
+                // The series is a sample; a full channel drops one rather than wait.
+                let _ = tx.try_send(us(total));
+            }
             self.remember(id, job.reply_topic.clone(), job.correlation.clone(), bytes);
             let rule = match job.request.edge.rule {
                 PolicyRule::LowConfidence { .. } => "low_confidence",

@@ -62,6 +62,33 @@ pub struct Agreement {
     pub agreements: u64,
 }
 
+/// One stored escalation, without its input (for listings).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Recent {
+    /// Escalation id.
+    pub id: String,
+    /// Edge model name.
+    pub model: String,
+    /// Edge model version.
+    pub model_version: String,
+    /// Privacy mode.
+    pub privacy: String,
+    /// Edge answer.
+    pub edge_class: u32,
+    /// Edge confidence.
+    pub edge_confidence: f32,
+    /// Policy rule that escalated it.
+    pub rule: String,
+    /// Cloud answer.
+    pub cloud_class: u32,
+    /// Its probability.
+    pub cloud_probability: f32,
+    /// Cloud model and version.
+    pub cloud_model: String,
+    /// When it was received, ms since the epoch.
+    pub received_ms: u64,
+}
+
 /// The store. One owner (a blocking task); not shared across threads.
 #[derive(Debug)]
 pub struct Store {
@@ -144,6 +171,30 @@ impl Store {
                 model: r.get(1)?,
                 escalations: r.get::<_, i64>(2)? as u64,
                 agreements: r.get::<_, i64>(3)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The newest `limit` escalations of `device`, newest first, without their inputs.
+    pub fn recent(&self, device: &str, limit: u32) -> Result<Vec<Recent>, StoreError> {
+        let mut stmt = self.db.prepare(
+            "SELECT id, model, model_version, privacy, edge_class, edge_confidence, rule, cloud_class, cloud_probability, cloud_model, received_ms
+             FROM examples WHERE device = ?1 ORDER BY received_ms DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(rusqlite::params![device, limit], |r| {
+            Ok(Recent {
+                id: r.get(0)?,
+                model: r.get(1)?,
+                model_version: r.get(2)?,
+                privacy: r.get(3)?,
+                edge_class: r.get(4)?,
+                edge_confidence: r.get::<_, f64>(5)? as f32,
+                rule: r.get(6)?,
+                cloud_class: r.get(7)?,
+                cloud_probability: r.get::<_, f64>(8)? as f32,
+                cloud_model: r.get(9)?,
+                received_ms: r.get::<_, i64>(10)? as u64,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -245,6 +296,11 @@ mod tests {
             }
         );
         assert_eq!(a[1].agreements, 1);
+        let recent = s.recent("d1", 10).unwrap();
+        assert_eq!(recent.len(), 2);
+        assert_eq!((recent[0].edge_class, recent[0].cloud_class), (3, 3));
+        assert_eq!(s.recent("d1", 1).unwrap().len(), 1);
+        assert!(s.recent("nobody", 10).unwrap().is_empty());
     }
 
     #[test]

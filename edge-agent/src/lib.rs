@@ -17,6 +17,7 @@
 //! - [`spool`]: the durable store-and-forward queue of escalations.
 //! - [`link`]: the MQTT connection to the fleet broker (escalations out; verdicts, policy in).
 //! - [`connection`]: MQTT and TLS settings shared by every client.
+//! - [`enroll`]: the device's key pair and certificate request for the fleet CA.
 //! - [`delta`]: binary deltas between model versions (zstd with the old file as prefix). Pure.
 //! - [`mqtt`]: one MQTT session, version 5 or 3.1.1 (falling back when the broker lacks 5).
 //! - [`ota`]: over-the-air model updates: signed manifests, resumable chunked download, atomic
@@ -28,15 +29,18 @@
 //! - [`infer_files`]: `edge-agent infer`, one inference on `.npy` (or image) files.
 //! - [`bench`]: `edge-agent bench`, latency percentiles, throughput and peak memory.
 //! - [`eval`]: `edge-agent eval`, accuracy and the confidence curve on a labelled set.
+//! - [`install`]: `edge-agent install` / `cloud-escalator install`: files and a hardened unit.
 
 pub mod agent;
 pub mod bench;
 pub mod config;
 pub mod connection;
 pub mod delta;
+pub mod enroll;
 pub mod eval;
 pub mod infer_files;
 pub mod input;
+pub mod install;
 pub mod link;
 pub mod mqtt;
 pub mod ota;

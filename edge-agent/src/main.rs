@@ -117,6 +117,43 @@ enum Command {
     /// Inspect the firmware → agent sensor link.
     #[command(subcommand)]
     Frames(FramesCommand),
+    /// Install the agent as a hardened systemd service on this host (as root; try --dry-run).
+    ///
+    /// Steps: create the system user `cascade` unless it exists (useradd --system); create
+    /// /etc/cascade and /var/lib/cascade/agent; copy this binary to BIN_DIR/edge-agent; write
+    /// /etc/cascade/agent.toml from --config FILE or a template to edit, only if absent (an
+    /// existing configuration is never overwritten); write /etc/systemd/system/edge-agent.service;
+    /// systemctl daemon-reload; with --start, systemctl enable --now.
+    ///
+    /// The unit follows the configuration in force: its state directory, the watched input
+    /// directory and results file are made writable, a serial source's port is allowed. Run it
+    /// again after changing those, and after an upgrade (it replaces the binary and the unit).
+    /// See docs/install.md.
+    Install(edge_agent::install::InstallArgs),
+    /// Join a fleet: make this device's key pair, have the fleet CA sign it with an enrollment
+    /// token from an operator, and point the configuration at the result.
+    ///
+    /// The private key never leaves the device: only a certificate request is sent. Writes
+    /// DIR/device.key (mode 0600), DIR/device.pem and DIR/ca.pem; with --config, sets `device`,
+    /// `fleet`, `group` and the `[mqtt]` broker URL and TLS files in that file, keeping its
+    /// comments. Nothing is written if the server refuses. See docs/fleet.md.
+    Enroll {
+        /// The escalator's fleet API, e.g. https://fleet.example.com.
+        #[arg(long)]
+        server: String,
+        /// The enrollment token (`cloud-escalator fleet enrollment-token`).
+        #[arg(long, env = "CASCADE_ENROLLMENT_TOKEN", hide_env_values = true)]
+        token: String,
+        /// This device's id (1 to 64 of A-Z a-z 0-9 . _ -); the certificate will name it.
+        #[arg(long)]
+        device: String,
+        /// Where the key and certificates go.
+        #[arg(long, default_value = "/etc/cascade/identity")]
+        dir: PathBuf,
+        /// The agent configuration to update.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -273,6 +310,44 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Frames(FramesCommand::Decode { input }) => decode_frames(input)?,
+        Command::Install(args) => {
+            edge_agent::install::run(&edge_agent::install::AGENT, &args, &mut out)?
+        }
+        Command::Enroll {
+            server,
+            token,
+            device,
+            dir,
+            config,
+        } => {
+            let enrolled = edge_agent::enroll::enroll(&edge_agent::enroll::EnrollRequest {
+                server: &server,
+                token: &token,
+                device: &device,
+                dir: &dir,
+                config: config.as_deref(),
+            })?;
+            writeln!(
+                out,
+                "enrolled {device} in fleet {}{}\nkey         {}\ncertificate {}\nfleet CA    {}\nbroker      {}",
+                enrolled.fleet,
+                enrolled
+                    .group
+                    .as_deref()
+                    .map(|g| format!(", group {g}"))
+                    .unwrap_or_default(),
+                enrolled.key.display(),
+                enrolled.certificate.display(),
+                enrolled.ca.display(),
+                enrolled
+                    .broker
+                    .as_deref()
+                    .unwrap_or("(not given: set [mqtt] url)"),
+            )?;
+            if let Some(config) = config {
+                writeln!(out, "updated     {}", config.display())?;
+            }
+        }
         Command::Run { .. } => unreachable!("handled in main"),
     }
     Ok(())

@@ -3,6 +3,7 @@
 //! Tests never assume a port is free or a broker is running: each starts what it needs through
 //! this crate and the harness stops it on drop.
 
+pub mod devices;
 pub mod fixtures;
 mod mosquitto;
 
