@@ -118,6 +118,33 @@ enum Command {
         #[command(subcommand)]
         command: cloud_escalator::fleet::client::FleetCommand,
     },
+    /// Write a Mosquitto configuration that does what the embedded broker's device gate does:
+    /// fleet-CA client certificates required, each device confined to its own topics.
+    ///
+    /// Writes into --out: mosquitto.conf, acl, ca.pem, server.pem and server.key (for
+    /// --server-name), and escalator.pem / escalator.key, the escalator's client certificate (its
+    /// [broker] client_cert / client_key) for the service listener. Uses (or creates) the fleet
+    /// CA in --ca-dir, the same as [identity] ca_dir. See docs/fleet.md.
+    MosquittoConfig {
+        /// Fleet name.
+        #[arg(long)]
+        fleet: String,
+        /// The fleet CA's directory.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Output directory (Mosquitto reads the files from here: give the final path).
+        #[arg(long)]
+        out: PathBuf,
+        /// Host names devices connect to (repeatable).
+        #[arg(long = "server-name", default_value = "localhost")]
+        server_names: Vec<String>,
+        /// The devices' TLS port.
+        #[arg(long, default_value_t = 8883)]
+        port: u16,
+        /// The escalators' TLS port (keep it off the devices' network).
+        #[arg(long, default_value_t = 8884)]
+        service_port: u16,
+    },
     /// Create the first admin token directly in the fleet store (on the escalator's host, before
     /// any token exists). Prints the token once; later tokens come from `fleet token create`.
     BootstrapToken {
@@ -444,6 +471,70 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let text = cloud_escalator::fleet::client::run(&connection, &command)?;
             out.write_all(text.as_bytes())?;
+        }
+        Command::MosquittoConfig {
+            fleet,
+            ca_dir,
+            out: dir,
+            server_names,
+            port,
+            service_port,
+        } => {
+            use cloud_escalator::mosquitto::{
+                MosquittoFiles, MosquittoListener, mosquitto_acl, mosquitto_conf,
+            };
+            let ca = cloud_escalator::pki::FleetCa::open_or_create(&ca_dir, &fleet)?;
+            std::fs::create_dir_all(&dir)?;
+            let service = format!("escalator:{fleet}");
+            let (server_cert, server_key) = ca.issue_server(&server_names)?;
+            let (service_cert, service_key) = ca.issue_service(&service)?;
+            let files = MosquittoFiles {
+                cafile: &dir.join("ca.pem"),
+                certfile: &dir.join("server.pem"),
+                keyfile: &dir.join("server.key"),
+                acl_file: &dir.join("acl"),
+            };
+            let conf = mosquitto_conf(
+                &fleet,
+                &files,
+                MosquittoListener { port, bind: None },
+                Some(MosquittoListener {
+                    port: service_port,
+                    bind: None,
+                }),
+            )?;
+            let written = [
+                ("mosquitto.conf", conf),
+                ("acl", mosquitto_acl(&fleet, &[&service])?),
+                ("ca.pem", ca.ca_pem().to_owned()),
+                ("server.pem", server_cert),
+                ("server.key", server_key),
+                ("escalator.pem", service_cert),
+                ("escalator.key", service_key),
+            ];
+            for (name, text) in &written {
+                use std::os::unix::fs::OpenOptionsExt;
+                let path = dir.join(name);
+                // Keys are never readable by others, not even for a moment.
+                let mode = if name.ends_with(".key") { 0o600 } else { 0o644 };
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(mode)
+                    .open(&path)
+                    .and_then(|mut f| f.write_all(text.as_bytes()))
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                writeln!(out, "wrote {}", path.display())?;
+            }
+            writeln!(
+                out,
+                "run: mosquitto -c {}\nescalator: [broker] url = \"mqtts://HOST:{service_port}\", ca = \"{}\", client_cert = \"{}\", client_key = \"{}\"",
+                dir.join("mosquitto.conf").display(),
+                dir.join("ca.pem").display(),
+                dir.join("escalator.pem").display(),
+                dir.join("escalator.key").display(),
+            )?;
         }
         Command::BootstrapToken { store, name, role } => {
             use cloud_escalator::fleet::{db::Db, now_ms, store as fleet_store};

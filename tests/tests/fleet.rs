@@ -405,6 +405,50 @@ async fn operators_see_devices_and_steer_a_rollout_through_the_api_and_the_cli()
     })
     .await;
 
+    // Hard examples: the device page lists recent escalations; export for retraining.
+    {
+        use cascade_infer::Tensor;
+        use cloud_escalator::store::{Example, Store};
+        let store = Store::open(&dir.path().join("examples.db")).unwrap();
+        for (i, (edge, cloud)) in [(3u32, 3u32), (3, 8)].into_iter().enumerate() {
+            store
+                .insert(&Example {
+                    id: format!("esc-{i}"),
+                    device: "cam-02".into(),
+                    model: "digits-edge".into(),
+                    model_version: "1.0.0".into(),
+                    privacy: "raw".into(),
+                    input_npy: Tensor::F32(ndarray::ArrayD::from_elem(vec![1, 64], i as f32))
+                        .to_npy_bytes(),
+                    edge_class: edge,
+                    edge_confidence: 0.4,
+                    rule: "low_confidence".into(),
+                    cloud_class: cloud,
+                    cloud_probability: 0.9,
+                    cloud_model: "digits-cloud@1.0.0".into(),
+                    received_ms: 1_000 + i as u64,
+                })
+                .unwrap();
+        }
+    }
+    let page = call(&f.api, Some(&f.reader), "GET", "/devices/cam-02", None)
+        .await
+        .unwrap();
+    let recent = page["recent_escalations"].as_array().unwrap();
+    assert_eq!(recent.len(), 2);
+    assert_eq!(
+        (
+            recent[0]["edge_class"].clone(),
+            recent[0]["cloud_class"].clone()
+        ),
+        (json!(3), json!(8)),
+        "newest first"
+    );
+    let e = call(&f.api, Some(&f.reader), "GET", "/devices/nobody", None)
+        .await
+        .unwrap_err();
+    assert_eq!(status_of(&e), 404);
+
     // The CLI over the same API.
     let cli = |args: &[&str]| {
         let out = std::process::Command::new(binary("cloud-escalator"))
