@@ -70,7 +70,9 @@ pub fn start_with(
         id: 0,
         router: RouterConfig {
             max_connections: 10_010,
-            max_outgoing_packet_count: 500,
+            // Messages read per round for a QoS 0 subscription, retained ones included: a fleet's
+            // retained statuses must fit in one read, or the rest are dropped on subscribing.
+            max_outgoing_packet_count: 100_000,
             max_segment_size: 100 << 20,
             max_segment_count: 10,
             custom_segment: None,

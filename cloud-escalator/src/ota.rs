@@ -259,8 +259,14 @@ pub async fn run(
             event = session.poll() => match event {
                 SessionEvent::Connected { .. } => {
                     backoff.reset();
-                    for f in &filters {
-                        if !session.try_subscribe(f) {
+                    // Retained statuses at QoS 0: see `Session::try_subscribe_at_most_once`.
+                    for (i, f) in filters.iter().enumerate() {
+                        let queued = if i == 0 {
+                            session.try_subscribe_at_most_once(f)
+                        } else {
+                            session.try_subscribe(f)
+                        };
+                        if !queued {
                             tracing::error!(filter = %f, "cannot subscribe: client queue full");
                         }
                     }

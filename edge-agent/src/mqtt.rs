@@ -348,6 +348,21 @@ impl Session {
         }
     }
 
+    /// Queues a subscription at QoS 0: for state that is republished anyway (retained statuses),
+    /// where a lost message costs nothing. The embedded broker (rumqttd 0.20) delivers at most 100
+    /// retained messages to a new QoS 1 subscription (its in-flight window) and drops the rest;
+    /// at QoS 0 it delivers them all.
+    pub fn try_subscribe_at_most_once(&self, filter: &str) -> bool {
+        match &self.connection {
+            Connection::V5(client, _) => client
+                .try_subscribe(filter.to_owned(), v5::mqttbytes::QoS::AtMostOnce)
+                .is_ok(),
+            Connection::V311(client, _) => client
+                .try_subscribe(filter, rumqttc::QoS::AtMostOnce)
+                .is_ok(),
+        }
+    }
+
     /// Queues the acknowledgement of a received message (sessions with manual acknowledgements).
     pub fn try_ack(&self, ack: &Ack) -> bool {
         match (&self.connection, &ack.0) {

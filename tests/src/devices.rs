@@ -21,6 +21,8 @@ pub struct SimDevice {
     fleet: String,
     client: AsyncClient,
     eventloop: JoinHandle<()>,
+    /// Connections the broker accepted (CONNACKs), including reconnections.
+    connacks: std::sync::Arc<std::sync::atomic::AtomicU32>,
 }
 
 fn now_ms() -> u64 {
@@ -64,10 +66,18 @@ impl SimDevice {
             None,
         ));
         let (client, mut eventloop) = AsyncClient::new(options, 16);
+        let connacks = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let seen = connacks.clone();
         let eventloop = tokio::spawn(async move {
             loop {
-                if eventloop.poll().await.is_err() {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                match eventloop.poll().await {
+                    Ok(rumqttc::v5::Event::Incoming(
+                        rumqttc::v5::mqttbytes::v5::Packet::ConnAck(_),
+                    )) => {
+                        seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
                 }
             }
         });
@@ -85,7 +95,13 @@ impl SimDevice {
             fleet: fleet.into(),
             client,
             eventloop,
+            connacks,
         }
+    }
+
+    /// How many times the broker accepted this device's connection.
+    pub fn connections(&self) -> u32 {
+        self.connacks.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn publish(&self, channel: Channel, retain: bool, payload: Vec<u8>) {

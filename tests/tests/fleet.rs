@@ -28,12 +28,25 @@ struct Fleet {
 }
 
 async fn start_fleet(dir: &Path, store: &str, max_devices: usize) -> Fleet {
-    start_fleet_with(dir, store, max_devices, "").await
+    start_fleet_with(dir, store, max_devices, "", None).await
 }
 
 /// [`start_fleet`] with more configuration appended.
-async fn start_fleet_with(dir: &Path, store: &str, max_devices: usize, extra: &str) -> Fleet {
-    let broker_port = cloud_escalator::broker::free_local_port().unwrap();
+async fn start_fleet_with(
+    dir: &Path,
+    store: &str,
+    max_devices: usize,
+    extra: &str,
+    running_broker: Option<u16>,
+) -> Fleet {
+    let broker_port = match running_broker {
+        Some(port) => port,
+        None => cloud_escalator::broker::free_local_port().unwrap(),
+    };
+    let broker = match running_broker {
+        Some(port) => format!("url = \"mqtt://127.0.0.1:{port}\""),
+        None => format!("listen = \"127.0.0.1:{broker_port}\""),
+    };
     let key_path = dir.join("fleet.key");
     keygen(&key_path).unwrap();
     let registry = Registry::open(&dir.join("registry")).unwrap();
@@ -41,7 +54,7 @@ async fn start_fleet_with(dir: &Path, store: &str, max_devices: usize, extra: &s
         r#"
 fleet = "{FLEET}"
 [broker]
-listen = "127.0.0.1:{broker_port}"
+{broker}
 client_id = "escalator-fleet"
 [[routes]]
 edge_model = "digits-edge"
@@ -497,27 +510,49 @@ async fn a_thousand_devices_report_and_the_registry_stays_bounded() {
     init_logs();
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("fleet.db").display().to_string();
-    // Room for 1000: the 1001st device and later are counted and dropped.
-    let f = start_fleet(dir.path(), &store, 1000).await;
+    // The devices connect and leave their retained statuses first; the escalator comes later and
+    // must learn all of them from the broker (the embedded broker, started on its own here).
+    let port = cloud_escalator::broker::free_local_port().unwrap();
+    cloud_escalator::broker::start(([127, 0, 0, 1], port).into(), None).unwrap();
     let mut sims = Vec::new();
     for i in 0..1010 {
-        sims.push(SimDevice::connect(FLEET, &format!("sim-{i:04}"), f.broker_port).await);
+        sims.push(SimDevice::connect(FLEET, &format!("sim-{i:04}"), port).await);
     }
-    for d in &sims {
-        d.telemetry(10, 1, 1).await;
-    }
-    // Generous: 1 010 connections on a busy 2-core machine.
     wait_long(
-        "1000 devices registered",
-        Duration::from_secs(180),
-        async || {
-            call(&f.api, Some(&f.reader), "GET", "/summary", None)
-                .await
-                .unwrap()["devices"]["online"]
-                == 1000
-        },
+        "1010 devices connected",
+        Duration::from_secs(120),
+        async || sims.iter().all(|d| d.connections() > 0),
     )
     .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Room for 1000: the 1001st device and later are counted and dropped.
+    let f = start_fleet_with(dir.path(), &store, 1000, "", Some(port)).await;
+    // Generous: 1 010 connections on a busy 2-core machine.
+    let mut online = json!(null);
+    for _ in 0..1800 {
+        online = call(&f.api, Some(&f.reader), "GET", "/summary", None)
+            .await
+            .unwrap()["devices"]["online"]
+            .clone();
+        if online == 1000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stats = &f.escalator.fleet;
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        online,
+        1000,
+        "registry: applied {} refused {} malformed {} flushes {} flush errors {}; devices connected {}, reconnected {}",
+        load(&stats.applied),
+        load(&stats.refused),
+        load(&stats.malformed),
+        load(&stats.flushes),
+        load(&stats.flush_errors),
+        sims.iter().filter(|d| d.connections() > 0).count(),
+        sims.iter().filter(|d| d.connections() > 1).count(),
+    );
     let started = std::time::Instant::now();
     let all = devices(&f, "?limit=5000").await;
     let listing = started.elapsed();
@@ -819,7 +854,7 @@ async fn a_device_enrolls_with_a_token_and_reports_through_the_gate() {
         "[identity]\nca_dir = {:?}\ngate_listen = \"127.0.0.1:{gate_port}\"\ndevice_broker_url = \"mqtts://localhost:{gate_port}\"\n",
         dir.path().join("ca")
     );
-    let f = start_fleet_with(dir.path(), &store, 1000, &identity).await;
+    let f = start_fleet_with(dir.path(), &store, 1000, &identity, None).await;
     assert_eq!(f.escalator.gate.map(|a| a.port()), Some(gate_port));
 
     // An operator makes a one-time token for the lab group.
