@@ -71,8 +71,10 @@ pub fn start_with(
         router: RouterConfig {
             max_connections: 10_010,
             // Messages read per round for a QoS 0 subscription, retained ones included: a fleet's
-            // retained statuses must fit in one read, or the rest are dropped on subscribing.
-            max_outgoing_packet_count: 100_000,
+            // retained statuses (one per connection at most) must fit in one read, or the rest
+            // are dropped on subscribing. It also bounds what one round queues for a slow
+            // QoS 0 subscriber.
+            max_outgoing_packet_count: 10_010,
             max_segment_size: 100 << 20,
             max_segment_count: 10,
             custom_segment: None,

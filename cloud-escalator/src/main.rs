@@ -513,18 +513,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ("escalator.key", service_key),
             ];
             for (name, text) in &written {
-                use std::os::unix::fs::OpenOptionsExt;
                 let path = dir.join(name);
                 // Keys are never readable by others, not even for a moment.
                 let mode = if name.ends_with(".key") { 0o600 } else { 0o644 };
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(mode)
-                    .open(&path)
-                    .and_then(|mut f| f.write_all(text.as_bytes()))
-                    .with_context(|| format!("cannot write {}", path.display()))?;
+                cloud_escalator::pki::write_private(&path, text.as_bytes(), mode)?;
                 writeln!(out, "wrote {}", path.display())?;
             }
             writeln!(

@@ -390,7 +390,7 @@ pub(crate) fn first_cert_der(pem: &str) -> Option<Vec<u8>> {
 
 /// Writes `bytes` to `path` through a temporary file created with `mode`, then renames it, so a
 /// reader never sees half a file and a key is never readable by others, even for a moment.
-fn write_private(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
+pub fn write_private(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
     let tmp = path.with_extension("tmp");
     let io = |action, error| PkiError::Io {
         action,

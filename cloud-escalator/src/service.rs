@@ -409,8 +409,9 @@ pub async fn start(
         tracker.spawn(crate::gate::run(
             listener,
             Arc::new(server),
+            // The embedded broker's own listeners (validated to be loopback).
             crate::gate::Upstream {
-                v5: (std::net::Ipv4Addr::LOCALHOST, port).into(),
+                v5: config.broker.listen,
                 v311: config.broker.listen_v311,
             },
             config.fleet.clone(),

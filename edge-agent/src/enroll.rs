@@ -3,8 +3,9 @@
 //! `edge-agent enroll` makes a fresh key pair on the device, sends only the CSR to the fleet's
 //! enrollment endpoint with a one-time token, and gets back a client certificate signed by the
 //! fleet CA (`cloud_escalator::pki::FleetCa::sign_device`). The private key never leaves the
-//! device. The CA decides what the certificate says (its CN is the device id the token was issued
-//! for, whatever the CSR asks), so the CSR is only a proof that the device holds the key.
+//! device. The CA decides what the certificate says (its CN is the device id the request names,
+//! which the fleet accepts only if no device has it yet), so the CSR is only a proof that the
+//! device holds the key.
 
 use std::path::{Path, PathBuf};
 
@@ -52,6 +53,12 @@ pub enum EnrollError {
         /// The error.
         error: std::io::Error,
     },
+    /// The server's address is plain HTTP on a network: the CA certificate it returns could be
+    /// anyone's.
+    #[error(
+        "{0} is plain HTTP: a machine in between could hand this device its own CA; use https:// (or --insecure on a network you trust)"
+    )]
+    Insecure(String),
     /// The agent configuration could not be updated.
     #[error("{path}: {problem}")]
     Config {
@@ -75,6 +82,33 @@ pub struct EnrollRequest<'a> {
     pub dir: &'a Path,
     /// An agent configuration to point at them (device, fleet, group, `[mqtt]` TLS settings).
     pub config: Option<&'a Path>,
+    /// Allow `http://` to a host other than this one.
+    pub insecure: bool,
+}
+
+/// Whether `server` may be used: https, or http to this machine, or anything when `insecure`.
+fn check_transport(server: &str, insecure: bool) -> Result<(), EnrollError> {
+    let Some(rest) = server.strip_prefix("http://") else {
+        return Ok(());
+    };
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    let host = host.rsplit_once(':').map_or(host, |(h, port)| {
+        if port.chars().all(|c| c.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    });
+    let local = host == "localhost"
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if local || insecure {
+        Ok(())
+    } else {
+        Err(EnrollError::Insecure(server.to_owned()))
+    }
 }
 
 /// The outcome of an enrollment.
@@ -107,6 +141,7 @@ struct Response {
 /// certificate and the CA into `dir`, and (with `config`) points the agent's configuration at
 /// them. Nothing is written unless the server signed.
 pub fn enroll(request: &EnrollRequest<'_>) -> Result<Enrolled, EnrollError> {
+    check_transport(request.server, request.insecure)?;
     let (key, csr) = device_csr(request.device)?;
     let url = format!("{}/api/v1/enroll", request.server.trim_end_matches('/'));
     let http = |e: ureq::Error| EnrollError::Http {
@@ -160,21 +195,44 @@ pub fn enroll(request: &EnrollRequest<'_>) -> Result<Enrolled, EnrollError> {
     Ok(enrolled)
 }
 
-/// Writes a secret: created with mode 0600 (never readable by others, even briefly), flushed,
-/// renamed into place.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes a secret: a new file created with mode 0600 (never readable by others, even briefly),
+/// flushed, renamed into place. When root writes it and the agent's `cascade` group exists, the
+/// group may read it (0640), so the service, which runs as `cascade`, can load its key.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
     let tmp = path.with_extension("tmp");
+    // A leftover from an interrupted run could have any mode: start afresh.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     let mut file = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&tmp)?;
     file.write_all(bytes)?;
     file.sync_all()?;
+    if file.metadata()?.uid() == 0
+        && let Some(gid) = group_id("cascade")
+    {
+        std::os::unix::fs::chown(&tmp, None, Some(gid))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o640))?;
+    }
     std::fs::rename(&tmp, path)
+}
+
+/// The id of a group, from /etc/group.
+fn group_id(name: &str) -> Option<u32> {
+    std::fs::read_to_string("/etc/group")
+        .ok()?
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split(':');
+            (fields.next()? == name).then_some(())?;
+            fields.nth(1)?.parse().ok()
+        })
 }
 
 /// Points an agent configuration at the enrollment: `device`, `fleet`, `group`, and in `[mqtt]`
@@ -213,12 +271,27 @@ pub fn update_config(path: &Path, device: &str, enrolled: &Enrolled) -> Result<(
     mqtt["ca"] = path_value(&enrolled.ca);
     mqtt["client_cert"] = path_value(&enrolled.certificate);
     mqtt["client_key"] = path_value(&enrolled.key);
-    crate::ota::write_file_atomically(path, doc.to_string().as_bytes()).map_err(|error| {
-        EnrollError::Io {
-            path: path.to_owned(),
-            error,
+    // The installer made the configuration readable by the service only (root:cascade 0640):
+    // the rewritten file keeps the original's owner and mode.
+    let io = |error| EnrollError::Io {
+        path: path.to_owned(),
+        error,
+    };
+    let original = std::fs::metadata(path).map_err(io)?;
+    crate::ota::write_file_atomically(path, doc.to_string().as_bytes()).map_err(io)?;
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        std::fs::set_permissions(
+            path,
+            std::fs::Permissions::from_mode(original.mode() & 0o7777),
+        )
+        .map_err(io)?;
+        if std::fs::metadata(path).map_err(io)?.uid() == 0 {
+            std::os::unix::fs::chown(path, Some(original.uid()), Some(original.gid()))
+                .map_err(io)?;
         }
-    })
+    }
+    Ok(())
 }
 
 /// A new ECDSA P-256 key pair for `device` and a CSR for it, both PEM: `(private key, CSR)`.
@@ -306,9 +379,51 @@ mod tests {
             device: "cam-07",
             dir: &identity,
             config: None,
+            insecure: false,
         };
         assert!(matches!(enroll(&request), Err(EnrollError::Http { .. })));
         assert!(!identity.exists());
+    }
+
+    #[test]
+    fn plain_http_only_to_this_machine() {
+        for ok in [
+            "https://fleet.example.com",
+            "http://127.0.0.1:8080",
+            "http://localhost:8080/",
+            "http://[::1]:80",
+        ] {
+            assert!(check_transport(ok, false).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://fleet.example.com",
+            "http://10.0.0.5:8080",
+            "http://localhost.evil.com",
+        ] {
+            assert!(
+                matches!(check_transport(bad, false), Err(EnrollError::Insecure(_))),
+                "{bad}"
+            );
+            assert!(check_transport(bad, true).is_ok());
+        }
+    }
+
+    #[test]
+    fn keys_are_private_even_over_a_leftover() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("device.key");
+        // A stale temporary file readable by everyone.
+        std::fs::write(key.with_extension("tmp"), "old").unwrap();
+        std::fs::set_permissions(
+            key.with_extension("tmp"),
+            std::fs::Permissions::from_mode(0o666),
+        )
+        .unwrap();
+        write_private(&key, b"secret").unwrap();
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert!(mode == 0o600 || mode == 0o640, "{mode:o}");
+        assert_eq!(std::fs::read(&key).unwrap(), b"secret");
     }
 
     #[test]

@@ -153,6 +153,9 @@ enum Command {
         /// The agent configuration to update.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Allow plain http:// to another machine (the fleet CA could then be forged in transit).
+        #[arg(long)]
+        insecure: bool,
     },
 }
 
@@ -319,6 +322,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             device,
             dir,
             config,
+            insecure,
         } => {
             let enrolled = edge_agent::enroll::enroll(&edge_agent::enroll::EnrollRequest {
                 server: &server,
@@ -326,6 +330,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 device: &device,
                 dir: &dir,
                 config: config.as_deref(),
+                insecure,
             })?;
             writeln!(
                 out,

@@ -120,10 +120,12 @@ async fn with_db<T: Send + 'static>(
     f: impl FnOnce(&mut Db) -> Result<T, DbError> + Send + 'static,
 ) -> ApiResult<T> {
     let db = state.db.clone();
-    tokio::task::spawn_blocking(move || f(&mut db.lock().expect("db lock")))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(ApiError::from)
+    tokio::task::spawn_blocking(move || {
+        f(&mut db.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(ApiError::from)
 }
 
 fn bearer(headers: &HeaderMap) -> Option<String> {
@@ -140,7 +142,7 @@ async fn authorize(state: &Shared, headers: &HeaderMap, need: Role) -> ApiResult
     let token = bearer(headers).ok_or_else(|| {
         ApiError(
             StatusCode::UNAUTHORIZED,
-            "missing bearer token: send `Authorization: Bearer <token>` (create one with `cloud-escalator fleet token create`)".into(),
+            "missing bearer token: send `Authorization: Bearer <token>` (an admin creates one with `cloud-escalator fleet token create`; the first with `cloud-escalator bootstrap-token` on the escalator's host)".into(),
         )
     })?;
     let caller = with_db(state, move |db| store::authenticate(db, &token))
@@ -158,19 +160,64 @@ async fn authorize(state: &Shared, headers: &HeaderMap, need: Role) -> ApiResult
     Ok(caller)
 }
 
-async fn audit(
+/// Runs a database change and its audit record in one transaction: both happen or neither.
+async fn audited<T: Send + 'static>(
     state: &Shared,
     caller: &Caller,
     action: &str,
     target: &str,
     detail: serde_json::Value,
-) -> ApiResult<()> {
+    change: impl FnOnce(&mut Db) -> Result<T, DbError> + Send + 'static,
+) -> ApiResult<T> {
     let (actor, action, target) = (caller.name.clone(), action.to_owned(), target.to_owned());
     tracing::info!(actor = %actor, action = %action, target = %target, "fleet change");
     with_db(state, move |db| {
-        store::audit(db, &actor, &action, &target, &detail.to_string(), now_ms())
+        db.transaction(|tx| {
+            let value = change(tx)?;
+            store::audit(tx, &actor, &action, &target, &detail.to_string(), now_ms())?;
+            Ok(value)
+        })
     })
     .await
+}
+
+/// Records a change made outside the database (the model registry). The change is done and
+/// cannot be undone, so a failed record is logged rather than reported as a failed request (a
+/// retry would repeat the change).
+async fn audit_done(
+    state: &Shared,
+    caller: &Caller,
+    action: &str,
+    target: &str,
+    detail: serde_json::Value,
+) {
+    let (actor, action_name, target_name) =
+        (caller.name.clone(), action.to_owned(), target.to_owned());
+    tracing::info!(actor = %actor, action, target, "fleet change");
+    let detail_text = detail.to_string();
+    if let Err(e) = with_db(state, move |db| {
+        store::audit(
+            db,
+            &actor,
+            &action_name,
+            &target_name,
+            &detail_text,
+            now_ms(),
+        )
+    })
+    .await
+    {
+        tracing::error!(action, target, detail = %detail, error = ?e, "audit record not written");
+    }
+}
+
+/// Runs registry file work (reads, signing, deltas) off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
 }
 
 /// The router: API, console and health check.
@@ -247,6 +294,9 @@ async fn list_devices(
     Query(filter): Query<DeviceFilter>,
 ) -> ApiResult<Json<Vec<DeviceView>>> {
     authorize(&state, &headers, Role::ReadOnly).await?;
+    if filter.label.as_deref().is_some_and(|l| !l.contains('=')) {
+        return Err(ApiError::bad_request("label: expected KEY=VALUE"));
+    }
     let devices = with_db(&state, move |db| store::list_devices(db, &filter)).await?;
     let now = now_ms();
     Ok(Json(
@@ -331,7 +381,7 @@ async fn update_device(
     }
     let detail = serde_json::to_value(&update).unwrap_or_default();
     let (lookup, group, labels) = (id.clone(), update.group, update.labels);
-    let device = with_db(&state, move |db| {
+    let device = audited(&state, &caller, "device.update", &id, detail, move |db| {
         store::set_device(
             db,
             &lookup,
@@ -341,7 +391,6 @@ async fn update_device(
         )
     })
     .await?;
-    audit(&state, &caller, "device.update", &id, detail).await?;
     Ok(Json(view(&state, device, now_ms())))
 }
 
@@ -399,38 +448,52 @@ fn describe_target(target: &TargetSelector) -> String {
 }
 
 async fn rollouts(state: &Shared) -> ApiResult<Vec<Rollout>> {
-    let entries = registry(state)?.list()?;
-    let devices = with_db(state, |db| {
-        store::list_devices(
-            db,
-            &DeviceFilter {
-                limit: Some(10_000),
-                ..Default::default()
-            },
-        )
+    let registry = registry(state)?.clone();
+    let entries = blocking(move || {
+        let entries = registry.list()?;
+        Ok(entries
+            .into_iter()
+            .map(|e| {
+                let m = &e.manifest.content.model;
+                let paused = registry.is_paused(&m.name, m.version);
+                (e, paused)
+            })
+            .collect::<Vec<_>>())
     })
     .await?;
-    let registry = registry(state)?;
+    let mut names: Vec<String> = entries
+        .iter()
+        .map(|(e, _)| e.manifest.content.model.name.clone())
+        .collect();
+    names.dedup();
+    let devices = with_db(state, move |db| {
+        names
+            .iter()
+            .map(|n| store::rollout_views(db, n).map(|v| (n.clone(), v)))
+            .collect::<Result<BTreeMap<_, _>, _>>()
+    })
+    .await?;
     Ok(entries
         .iter()
-        .map(|e: &Entry| {
+        .map(|(e, paused): &(Entry, bool)| {
             let m = &e.manifest.content;
             let (name, version) = (m.model.name.as_str(), m.model.version.to_string());
             let tag = m.model.to_string();
             let mut states = BTreeMap::new();
             let (mut targeted, mut running) = (0, 0);
-            for d in devices
-                .iter()
-                .filter(|d| d.reported.model.as_deref() == Some(name))
-            {
-                if m.target.matches(&d.id, d.group.as_deref()) {
-                    targeted += 1;
+            for d in devices.get(name).into_iter().flatten() {
+                if d.model.as_deref() == Some(name) {
+                    // The registry's group: the agent matches its own configured group, which
+                    // enrollment sets to the same (docs/fleet.md).
+                    if m.target.matches(&d.id, d.group.as_deref()) {
+                        targeted += 1;
+                    }
+                    if d.model_version.as_deref() == Some(version.as_str()) {
+                        running += 1;
+                    }
                 }
-                if d.reported.model_version.as_deref() == Some(version.as_str()) {
-                    running += 1;
-                }
-                if d.reported.ota_model.as_deref() == Some(tag.as_str())
-                    && let Some(s) = &d.reported.ota_state
+                if d.ota_model.as_deref() == Some(tag.as_str())
+                    && let Some(s) = &d.ota_state
                 {
                     *states.entry(s.clone()).or_insert(0) += 1;
                 }
@@ -439,7 +502,7 @@ async fn rollouts(state: &Shared) -> ApiResult<Vec<Rollout>> {
                 model: name.into(),
                 version,
                 target: describe_target(&m.target),
-                paused: registry.is_paused(name, m.model.version),
+                paused: *paused,
                 issued_at_ms: m.issued_at_ms,
                 size_bytes: m.full.size,
                 delta_bytes: m.delta.as_ref().map(|d| d.artifact.size),
@@ -489,16 +552,18 @@ async fn create_rollout(
     let version = parse_version(&req.version)?;
     let target = crate::registry::parse_target(&req.target, &req.model)?;
     let key = signing_key(&state)?;
-    let signed = registry(&state)?.rollout(&req.model, version, target, &key)?;
+    let registry = registry(&state)?.clone();
+    let model = req.model.clone();
+    let signed = blocking(move || Ok(registry.rollout(&model, version, target, &key)?)).await?;
     let target = describe_target(&signed.content.target);
-    audit(
+    audit_done(
         &state,
         &caller,
         "rollout.create",
         &signed.content.model.to_string(),
         serde_json::to_value(&req).unwrap_or_default(),
     )
-    .await?;
+    .await;
     Ok(Json(
         json!({ "model": req.model, "version": req.version, "target": target }),
     ))
@@ -515,46 +580,50 @@ async fn rollout_action(
 ) -> ApiResult<Json<serde_json::Value>> {
     let caller = authorize(&state, &headers, Role::Admin).await?;
     let v = parse_version(&version)?;
-    let registry = registry(&state)?;
+    let registry = registry(&state)?.clone();
     let key = signing_key(&state)?;
     let target_name = format!("{model}@{version}");
-    let result = match action.as_str() {
-        "advance" => {
-            let entry = registry.get(&model, v)?;
-            let percent = body
-                .as_ref()
-                .and_then(|b| b.get("percent"))
-                .and_then(|p| p.as_f64());
-            let next = advance(&entry.manifest.content.target, percent)?;
-            let signed = registry.rollout(&model, v, next, &key)?;
-            json!({ "target": describe_target(&signed.content.target) })
-        }
-        "pause" => {
-            registry.pause(&model, v)?;
-            json!({ "paused": true })
-        }
-        "resume" => {
-            registry.resume(&model, v)?;
-            json!({ "paused": false })
-        }
-        "rollback" => {
-            let signed = registry.roll_back(&model, v, &key)?;
-            json!({ "paused": true, "replacement": signed.content.model.version.to_string(), "target": describe_target(&signed.content.target) })
-        }
-        other => {
-            return Err(ApiError::not_found(format!(
-                "no rollout action {other:?}: advance, pause, resume or rollback"
-            )));
-        }
-    };
-    audit(
+    let percent = body
+        .as_ref()
+        .and_then(|b| b.get("percent"))
+        .and_then(|p| p.as_f64());
+    let action_name = action.clone();
+    let result = blocking(move || {
+        Ok(match action_name.as_str() {
+            "advance" => {
+                let entry = registry.get(&model, v)?;
+                let next = advance(&entry.manifest.content.target, percent)?;
+                let signed = registry.rollout(&model, v, next, &key)?;
+                json!({ "target": describe_target(&signed.content.target) })
+            }
+            "pause" => {
+                registry.pause(&model, v)?;
+                json!({ "paused": true })
+            }
+            "resume" => {
+                registry.resume(&model, v)?;
+                json!({ "paused": false })
+            }
+            "rollback" => {
+                let signed = registry.roll_back(&model, v, &key)?;
+                json!({ "paused": true, "replacement": signed.content.model.version.to_string(), "target": describe_target(&signed.content.target) })
+            }
+            other => {
+                return Err(ApiError::not_found(format!(
+                    "no rollout action {other:?}: advance, pause, resume or rollback"
+                )));
+            }
+        })
+    })
+    .await?;
+    audit_done(
         &state,
         &caller,
         &format!("rollout.{action}"),
         &target_name,
         result.clone(),
     )
-    .await?;
+    .await;
     Ok(Json(result))
 }
 
@@ -714,16 +783,13 @@ async fn create_token(
         return Err(ApiError::bad_request("name: 1 to 64 bytes"));
     }
     let name = req.name.clone();
-    let token = with_db(&state, move |db| {
-        store::create_token(db, &name, role, now_ms())
-    })
-    .await?;
-    audit(
+    let token = audited(
         &state,
         &caller,
         "token.create",
         &req.name,
         json!({ "role": role.name() }),
+        move |db| store::create_token(db, &name, role, now_ms()),
     )
     .await?;
     Ok(Json(
@@ -743,16 +809,13 @@ async fn revoke_token(
         return Err(ApiError::bad_request("send {\"revoked\": true}"));
     }
     let lookup = name.clone();
-    let n = with_db(&state, move |db| {
-        store::revoke_tokens(db, &lookup, now_ms())
-    })
-    .await?;
-    audit(
+    let n = audited(
         &state,
         &caller,
         "token.revoke",
         &name,
-        json!({ "revoked": n }),
+        json!({}),
+        move |db| store::revoke_tokens(db, &lookup, now_ms()),
     )
     .await?;
     Ok(Json(json!({ "name": name, "revoked": n })))
@@ -792,16 +855,13 @@ async fn create_enrollment_token(
     let now = now_ms();
     let expires = now + req.valid_s.min(365 * 86_400) * 1000;
     let (group, uses, by) = (req.group.clone(), req.uses, caller.name.clone());
-    let token = with_db(&state, move |db| {
-        store::create_enrollment_token(db, group.as_deref(), uses, expires, &by, now)
-    })
-    .await?;
-    audit(
+    let token = audited(
         &state,
         &caller,
         "enrollment_token.create",
         req.group.as_deref().unwrap_or("-"),
         serde_json::to_value(&req).unwrap_or_default(),
+        move |db| store::create_enrollment_token(db, group.as_deref(), uses, expires, &by, now),
     )
     .await?;
     Ok(Json(
@@ -824,7 +884,9 @@ async fn enroll(
     Json(req): Json<EnrollRequest>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let enroller = state.enrollment.clone().ok_or_else(|| {
-        ApiError::unavailable("enrollment is off: set [management] ca_dir on the escalator")
+        ApiError::unavailable(
+            "enrollment is off: the escalator needs an [identity] section (ca_dir) beside [management]",
+        )
     })?;
     cascade_proto::topic::validate_segment(cascade_proto::topic::Segment::Device, &req.device)
         .map_err(|e| ApiError::bad_request(format!("device id: {e}")))?;
@@ -834,38 +896,46 @@ async fn enroll(
             "missing enrollment token (Authorization: Bearer enr_…)".into(),
         )
     })?;
-    let group = with_db(&state, move |db| {
-        store::redeem_enrollment_token(db, &token, now_ms())
-    })
-    .await?
-    .ok_or_else(|| {
-        ApiError(
-            StatusCode::UNAUTHORIZED,
-            "enrollment token unknown, expired or used up: ask an operator for a new one".into(),
-        )
-    })?;
+    // Sign first: a bad request must not spend the token. The certificate is returned only if
+    // the token holds and the id is new (checked and recorded in one transaction below).
     let (device, csr, signer) = (req.device.clone(), req.csr, enroller.clone());
     let certificate = tokio::task::spawn_blocking(move || signer.sign(&device, &csr))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(|e| ApiError::bad_request(format!("certificate request refused: {e}")))?;
-    let (id, g) = (req.device.clone(), group.clone());
-    with_db(&state, move |db| {
-        store::set_device(db, &id, Some(g.as_deref()), None, now_ms())
-    })
-    .await?;
     let caller = Caller {
         name: format!("enrollment:{}", req.device),
         role: Role::ReadOnly,
     };
-    audit(
+    let id = req.device.clone();
+    let outcome = audited(
         &state,
         &caller,
         "device.enroll",
         &req.device,
-        json!({ "group": group }),
+        json!({}),
+        move |db| store::enroll_device(db, &token, &id, now_ms()),
     )
     .await?;
+    let group = match outcome {
+        Ok(group) => group,
+        Err(store::EnrollRefusal::Token) => {
+            return Err(ApiError(
+                StatusCode::UNAUTHORIZED,
+                "enrollment token unknown, expired or used up: ask an operator for a new one"
+                    .into(),
+            ));
+        }
+        Err(store::EnrollRefusal::Exists) => {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!(
+                    "device {:?} is already registered: enroll under a new id (an existing id is never handed out again)",
+                    req.device
+                ),
+            ));
+        }
+    };
     Ok(Json(json!({
         "device": req.device,
         "fleet": state.fleet,

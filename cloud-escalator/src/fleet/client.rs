@@ -13,7 +13,8 @@ pub struct Connection {
     /// The escalator's fleet API, e.g. http://127.0.0.1:8080.
     #[arg(long, env = "CASCADE_SERVER", default_value = "http://127.0.0.1:8080")]
     pub server: String,
-    /// An API token (`fleet token create`, or `fleet bootstrap-token` on the escalator's host).
+    /// An API token (`fleet token create`; the first one: `cloud-escalator bootstrap-token` on the
+    /// escalator's host).
     #[arg(long, env = "CASCADE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Print the API's JSON instead of a table.
@@ -481,7 +482,8 @@ pub fn run(conn: &Connection, command: &FleetCommand) -> Result<String, ClientEr
 fn cell(v: Option<&Value>) -> String {
     match v {
         None | Some(Value::Null) => "-".into(),
-        Some(Value::String(s)) => s.clone(),
+        // Devices report some of these strings: no terminal control sequences from the field.
+        Some(Value::String(s)) => s.chars().filter(|c| !c.is_control()).collect(),
         Some(Value::Number(n)) => n.to_string(),
         Some(Value::Bool(b)) => b.to_string(),
         Some(other) => other.to_string(),

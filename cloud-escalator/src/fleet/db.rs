@@ -28,6 +28,14 @@ pub enum DbError {
     /// the server was unreachable.
     #[error("fleet store (PostgreSQL): {0}")]
     Postgres(#[from] postgres::Error),
+    /// The SQLite file's directory cannot be created.
+    #[error("fleet store: cannot create {path}: {error}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        error: std::io::Error,
+    },
     /// The store URL is not understood.
     #[error(
         "fleet store {0:?}: expected a file path, sqlite:PATH, or postgres://USER@HOST:PORT/DB"
@@ -230,7 +238,43 @@ pub enum Db {
         path: PathBuf,
     },
     /// A PostgreSQL server.
-    Postgres(Box<postgres::Client>),
+    Postgres(Pg),
+}
+
+/// A PostgreSQL connection that reconnects once it finds itself closed (server restart, network
+/// loss), so the store recovers without restarting the escalator.
+pub struct Pg {
+    client: Option<Box<postgres::Client>>,
+    url: String,
+    in_transaction: bool,
+}
+
+impl Pg {
+    fn client(&mut self) -> Result<&mut postgres::Client, DbError> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.client = None;
+            tracing::info!("fleet store: connecting to PostgreSQL");
+            self.client = Some(Box::new(postgres::Client::connect(
+                &self.url,
+                postgres::NoTls,
+            )?));
+        }
+        Ok(self.client.as_mut().expect("just connected"))
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        // The synchronous client closes its connection through a runtime of its own, which
+        // panics inside another runtime: the escalator drops its store on an async thread.
+        if let Some(client) = self.client.take()
+            && tokio::runtime::Handle::try_current().is_ok()
+        {
+            let _ = std::thread::Builder::new()
+                .name("fleet-store-close".into())
+                .spawn(move || drop(client));
+        }
+    }
 }
 
 impl std::fmt::Debug for Db {
@@ -247,26 +291,34 @@ impl Db {
     /// selects a schema), else `sqlite:PATH` or a plain path. Applies pending migrations.
     pub fn open(url: &str) -> Result<Db, DbError> {
         let mut db = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Db::Postgres(Box::new(postgres::Client::connect(url, postgres::NoTls)?))
+            let mut pg = Pg {
+                client: None,
+                url: url.to_owned(),
+                in_transaction: false,
+            };
+            pg.client()?;
+            Db::Postgres(pg)
         } else {
             let path = Path::new(url.strip_prefix("sqlite:").unwrap_or(url)).to_owned();
             if path.as_os_str().is_empty() {
                 return Err(DbError::Url(url.into()));
             }
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|e| DbError::Sqlite {
-                    path: path.clone(),
-                    error: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+                std::fs::create_dir_all(dir).map_err(|error| DbError::Dir {
+                    path: dir.to_owned(),
+                    error,
                 })?;
             }
             let conn = rusqlite::Connection::open(&path).map_err(|error| DbError::Sqlite {
                 path: path.clone(),
                 error,
             })?;
-            // WAL: the API reads while the ingester writes; NORMAL sync is durable across process
-            // crashes, which is what fleet state needs (devices re-report after a power loss).
+            // WAL: other processes (the CLI's bootstrap-token, backups) can read and write beside
+            // the escalator; NORMAL sync is durable across process crashes, which is what fleet
+            // state needs (devices re-report after a power loss). LIKE is case-sensitive, as in
+            // PostgreSQL, so filters mean the same on both.
             conn.execute_batch(
-                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;",
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000; PRAGMA case_sensitive_like = ON;",
             )
             .map_err(|error| DbError::Sqlite {
                 path: path.clone(),
@@ -287,11 +339,16 @@ impl Db {
     }
 
     fn migrate(&mut self) -> Result<(), DbError> {
-        self.batch(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_ms BIGINT NOT NULL)",
-        )?;
         for (version, sql) in MIGRATIONS {
             self.transaction(|tx| {
+                // Replicas starting together: one migrates, the others wait here and then find
+                // the version applied. (SQLite serializes writers by itself.)
+                if let Db::Postgres(_) = tx {
+                    tx.batch("SELECT pg_advisory_xact_lock(7300455311)")?;
+                }
+                tx.batch(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_ms BIGINT NOT NULL)",
+                )?;
                 let done = tx.query(
                     "SELECT version FROM schema_migrations WHERE version = $1",
                     &[Value::Int(*version)],
@@ -321,7 +378,7 @@ impl Db {
     pub fn batch(&mut self, sql: &str) -> Result<(), DbError> {
         match self {
             Db::Sqlite { conn, path } => conn.execute_batch(sql).map_err(Self::sqlite_error(path)),
-            Db::Postgres(client) => Ok(client.batch_execute(sql)?),
+            Db::Postgres(pg) => Ok(pg.client()?.batch_execute(sql)?),
         }
     }
 
@@ -335,9 +392,9 @@ impl Db {
                     .map_err(Self::sqlite_error(path))?;
                 Ok(n as u64)
             }
-            Db::Postgres(client) => {
+            Db::Postgres(pg) => {
                 let params = pg_params(params);
-                Ok(client.execute(sql, &pg_refs(&params))?)
+                Ok(pg.client()?.execute(sql, &pg_refs(&params))?)
             }
         }
     }
@@ -372,9 +429,9 @@ impl Db {
                 rows.collect::<Result<Vec<_>, _>>()
                     .map_err(Self::sqlite_error(path))
             }
-            Db::Postgres(client) => {
+            Db::Postgres(pg) => {
                 let params = pg_params(params);
-                let rows = client.query(sql, &pg_refs(&params))?;
+                let rows = pg.client()?.query(sql, &pg_refs(&params))?;
                 rows.iter()
                     .map(|row| {
                         (0..row.len())
@@ -387,13 +444,33 @@ impl Db {
         }
     }
 
-    /// Runs `f` in a transaction: committed when it returns `Ok`, rolled back otherwise.
+    fn in_transaction(&self) -> bool {
+        match self {
+            Db::Sqlite { conn, .. } => !conn.is_autocommit(),
+            Db::Postgres(pg) => pg.in_transaction,
+        }
+    }
+
+    fn set_transaction(&mut self, open: bool) {
+        if let Db::Postgres(pg) = self {
+            pg.in_transaction = open;
+        }
+    }
+
+    /// Runs `f` in a transaction: committed when it returns `Ok`, rolled back otherwise. Inside
+    /// another transaction, `f` joins it (a change and its audit record are one unit).
     pub fn transaction<T>(
         &mut self,
         f: impl FnOnce(&mut Db) -> Result<T, DbError>,
     ) -> Result<T, DbError> {
+        if self.in_transaction() {
+            return f(self);
+        }
         self.batch("BEGIN")?;
-        match f(self) {
+        self.set_transaction(true);
+        let result = f(self);
+        self.set_transaction(false);
+        match result {
             Ok(v) => {
                 self.batch("COMMIT")?;
                 Ok(v)
@@ -550,6 +627,26 @@ mod tests {
         });
         assert!(result.is_err());
         assert!(db.query("SELECT * FROM audit", &[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_nested_transaction_joins_the_outer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(dir.path().join("f.db").to_str().unwrap()).unwrap();
+        let insert = "INSERT INTO audit (at_ms, actor, action, target, detail) VALUES (1, 'a', 'b', 'c', 'd')";
+        let result: Result<(), DbError> = db.transaction(|tx| {
+            tx.transaction(|inner| inner.execute(insert, &[]).map(drop))?;
+            tx.execute("INSERT INTO no_such_table VALUES (1)", &[])?;
+            Ok(())
+        });
+        assert!(result.is_err());
+        assert!(
+            db.query("SELECT * FROM audit", &[]).unwrap().is_empty(),
+            "all rolled back"
+        );
+        db.transaction(|tx| tx.transaction(|inner| inner.execute(insert, &[])))
+            .unwrap();
+        assert_eq!(db.query("SELECT * FROM audit", &[]).unwrap().len(), 1);
     }
 
     #[test]

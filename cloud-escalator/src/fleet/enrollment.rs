@@ -21,7 +21,12 @@ impl CaEnroller {
         CaEnroller {
             ca,
             validity: Duration::from_secs(u64::from(config.cert_days) * 86_400),
-            broker: config.device_broker_url.clone(),
+            // Without an explicit URL, the gate's own address under its first server name.
+            broker: config.device_broker_url.clone().or_else(|| {
+                let port = config.gate_listen?.port();
+                let host = config.server_names.first()?;
+                Some(format!("mqtts://{host}:{port}"))
+            }),
         }
     }
 }

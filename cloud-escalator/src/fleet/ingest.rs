@@ -51,8 +51,10 @@ pub async fn run(
     let mut tracker = Tracker::new(max_devices);
     let loaded = {
         let db = db.clone();
-        tokio::task::spawn_blocking(move || store::load_reported(&mut db.lock().expect("db lock")))
-            .await
+        tokio::task::spawn_blocking(move || {
+            store::load_reported(&mut db.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+        })
+        .await
     };
     match loaded {
         Ok(Ok(rows)) => {
@@ -161,20 +163,21 @@ async fn write(
     }
     let (db, replica) = (db.clone(), replica.to_owned());
     let result = tokio::task::spawn_blocking(move || {
-        let mut db = db.lock().expect("db lock");
+        let mut db = db.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let result = store::upsert_reported(&mut db, &rows)
             .and_then(|()| store::write_minutes(&mut db, &replica, &minutes));
-        (result, rows)
+        (result, rows, minutes)
     })
     .await;
     match result {
-        Ok((Ok(()), _)) => {
+        Ok((Ok(()), _, _)) => {
             stats.flushes.fetch_add(1, Ordering::Relaxed);
         }
-        Ok((Err(e), rows)) => {
+        Ok((Err(e), rows, minutes)) => {
             stats.flush_errors.fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %e, rows = rows.len(), "device registry not written; will retry");
             *pending = rows;
+            tracker.restore_minutes(minutes);
         }
         Err(e) => tracing::error!(error = %e, "device registry write panicked"),
     }

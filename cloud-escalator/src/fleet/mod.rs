@@ -77,7 +77,8 @@ pub struct IdentityConfig {
     /// `mqtts://` URL.
     #[serde(default = "default_server_names")]
     pub server_names: Vec<String>,
-    /// The broker URL enrolled devices are told to use (e.g. `mqtts://fleet.example.com:8883`).
+    /// The broker URL enrolled devices are told to use (e.g. `mqtts://fleet.example.com:8883`);
+    /// default: the gate, `mqtts://{first server name}:{gate port}`.
     #[serde(default)]
     pub device_broker_url: Option<String>,
 }

@@ -266,26 +266,122 @@ pub fn list_devices(db: &mut Db, filter: &DeviceFilter) -> Result<Vec<Device>, D
             format!("%{escaped}%").into(),
         );
     }
-    add(
-        &mut sql,
-        " ORDER BY id LIMIT $?",
-        i64::from(filter.limit.unwrap_or(1000).min(10_000)).into(),
+    let (limit, offset) = (
+        filter.limit.unwrap_or(1000).min(10_000) as usize,
+        filter.offset.unwrap_or(0) as usize,
     );
-    add(
-        &mut sql,
-        " OFFSET $?",
-        i64::from(filter.offset.unwrap_or(0)).into(),
-    );
+    let label = filter
+        .label
+        .as_deref()
+        .map(|l| l.split_once('=').unwrap_or((l, "")));
+    if label.is_none() {
+        // Paged in SQL; with a label filter (labels are one JSON column, matched here so both
+        // engines agree) every matching row is read and paged below.
+        add(&mut sql, " ORDER BY id LIMIT $?", (limit as i64).into());
+        add(&mut sql, " OFFSET $?", (offset as i64).into());
+    } else {
+        sql.push_str(" ORDER BY id");
+    }
     let mut devices = db
         .query(&sql, &params)?
         .iter()
         .map(device_from)
         .collect::<Result<Vec<_>, _>>()?;
-    // Labels are a JSON object in one column: filtered here, not in SQL, so both engines agree.
-    if let Some((k, v)) = filter.label.as_deref().and_then(|l| l.split_once('=')) {
+    if let Some((k, v)) = label {
         devices.retain(|d| d.labels.get(k).is_some_and(|x| x == v));
+        devices = devices.into_iter().skip(offset).take(limit).collect();
     }
     Ok(devices)
+}
+
+/// What a rollout's progress needs of every device: id, group, model, version, OTA report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutView {
+    /// Device id.
+    pub id: String,
+    /// Operator-assigned group.
+    pub group: Option<String>,
+    /// Running model.
+    pub model: Option<String>,
+    /// Its version.
+    pub model_version: Option<String>,
+    /// The model version of the last OTA report (`name@version`).
+    pub ota_model: Option<String>,
+    /// Its state.
+    pub ota_state: Option<String>,
+}
+
+/// Every device running `model` (or reporting OTA on it), without paging: rollout progress.
+pub fn rollout_views(db: &mut Db, model: &str) -> Result<Vec<RolloutView>, DbError> {
+    db.query(
+        "SELECT id, grp, model, model_version, ota_model, ota_state FROM devices WHERE model = $1 OR ota_model LIKE $2",
+        &[model.into(), format!("{model}@%").into()],
+    )?
+    .iter()
+    .map(|r| {
+        Ok(RolloutView {
+            id: r.text(0)?,
+            group: r.opt_text(1)?,
+            model: r.opt_text(2)?,
+            model_version: r.opt_text(3)?,
+            ota_model: r.opt_text(4)?,
+            ota_state: r.opt_text(5)?,
+        })
+    })
+    .collect()
+}
+
+/// Why an enrollment was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnrollRefusal {
+    /// The token is unknown, expired or used up.
+    Token,
+    /// The device id is already registered: enrolling it again would hand its identity to
+    /// whoever holds a token.
+    Exists,
+}
+
+/// Registers a new device with an enrollment token, in one transaction: the id must be new, and
+/// one use of the token is spent. Returns the group the token puts it in.
+pub fn enroll_device(
+    db: &mut Db,
+    secret: &str,
+    device: &str,
+    now_ms: u64,
+) -> Result<Result<Option<String>, EnrollRefusal>, DbError> {
+    let hash = secret_hash(secret);
+    db.transaction(|tx| {
+        // The token first: without a valid one, nothing is said about which ids exist.
+        let valid = tx.query(
+            "SELECT grp FROM enrollment_tokens WHERE hash = $1 AND uses_left > 0 AND expires_ms > $2",
+            &[hash.as_str().into(), now_ms.into()],
+        )?;
+        let Some(token) = valid.first() else {
+            return Ok(Err(EnrollRefusal::Token));
+        };
+        let group = token.opt_text(0)?;
+        if !tx
+            .query("SELECT id FROM devices WHERE id = $1", &[device.into()])?
+            .is_empty()
+        {
+            return Ok(Err(EnrollRefusal::Exists));
+        }
+        // The conditional update is the check that counts: two devices racing for the last use
+        // cannot both win.
+        let n = tx.execute(
+            "UPDATE enrollment_tokens SET uses_left = uses_left - 1 WHERE hash = $1 AND uses_left > 0 AND expires_ms > $2",
+            &[hash.as_str().into(), now_ms.into()],
+        )?;
+        if n == 0 {
+            return Ok(Err(EnrollRefusal::Token));
+        }
+        // The primary key refuses a second enrollment of the same id racing this one.
+        tx.execute(
+            "INSERT INTO devices (id, grp, presence, first_seen_ms, last_seen_ms) VALUES ($1, $2, 'offline', $3, $3)",
+            &[device.into(), group.clone().into(), now_ms.into()],
+        )?;
+        Ok(Ok(group))
+    })
 }
 
 /// One device.
@@ -340,7 +436,11 @@ pub fn set_device(
         }
         Ok(())
     })?;
-    get_device(db, id).map(|d| d.expect("just written"))
+    get_device(db, id)?.ok_or(DbError::Type {
+        column: 0,
+        found: "no row",
+        expected: "the device just written",
+    })
 }
 
 /// Writes this replica's minutes (a minute written again is replaced: the tracker holds its
@@ -363,7 +463,7 @@ pub fn write_minutes(db: &mut Db, replica: &str, minutes: &[(u64, Minute)]) -> R
                     m.escalations.into(),
                     m.verdicts.into(),
                     m.agreements.into(),
-                    (m.latencies_us.len() as u64).into(),
+                    m.answered.into(),
                     m.latency_percentile(50.0).into(),
                     m.latency_percentile(99.0).into(),
                     max.into(),
@@ -491,32 +591,6 @@ pub fn create_enrollment_token(
     Ok(secret)
 }
 
-/// Spends one use of an enrollment token. `Ok(None)`: unknown, expired or used up. `Ok(Some(g))`:
-/// accepted, the device joins group `g`.
-pub fn redeem_enrollment_token(
-    db: &mut Db,
-    secret: &str,
-    now_ms: u64,
-) -> Result<Option<Option<String>>, DbError> {
-    let hash = secret_hash(secret);
-    db.transaction(|tx| {
-        // The conditional update is the check: two devices racing for the last use cannot both
-        // win.
-        let n = tx.execute(
-            "UPDATE enrollment_tokens SET uses_left = uses_left - 1 WHERE hash = $1 AND uses_left > 0 AND expires_ms > $2",
-            &[hash.as_str().into(), now_ms.into()],
-        )?;
-        if n == 0 {
-            return Ok(None);
-        }
-        let rows = tx.query(
-            "SELECT grp FROM enrollment_tokens WHERE hash = $1",
-            &[hash.as_str().into()],
-        )?;
-        Ok(Some(rows.first().and_then(|r| r.opt_text(0).ok().flatten())))
-    })
-}
-
 /// Appends to the audit log.
 pub fn audit(
     db: &mut Db,
@@ -581,7 +655,7 @@ mod tests {
         // Migrations apply once on PostgreSQL too.
         drop(conn);
         let mut conn = Db::open(&db.url).unwrap();
-        assert_eq!(load_reported(&mut conn).unwrap().len(), 2);
+        assert_eq!(load_reported(&mut conn).unwrap().len(), 4);
     }
 
     fn reported(presence: &str, inputs: u64) -> Reported {
@@ -643,6 +717,26 @@ mod tests {
         )
         .unwrap();
         assert_eq!(by_label.len(), 1);
+        let by_label_paged = list_devices(
+            db,
+            &DeviceFilter {
+                label: Some("site=north".into()),
+                limit: Some(1),
+                offset: Some(1),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(by_label_paged.is_empty(), "paging after the label filter");
+        let by_case = list_devices(
+            db,
+            &DeviceFilter {
+                q: Some("CAM".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(by_case.is_empty(), "case-sensitive on both engines");
         let by_q = list_devices(
             db,
             &DeviceFilter {
@@ -688,25 +782,40 @@ mod tests {
 
         // Enrollment tokens: uses and expiry.
         let enr = create_enrollment_token(db, Some("field"), 2, 1_000, "ops", 1).unwrap();
+        let field = Ok(Some("field".to_string()));
         assert_eq!(
-            redeem_enrollment_token(db, &enr, 5).unwrap(),
-            Some(Some("field".into()))
+            enroll_device(db, "enr_x", "cam-1", 5).unwrap(),
+            Err(EnrollRefusal::Token)
         );
         assert_eq!(
-            redeem_enrollment_token(db, &enr, 1_000).unwrap(),
-            None,
+            enroll_device(db, &enr, "cam-1", 5).unwrap(),
+            Err(EnrollRefusal::Exists)
+        );
+        assert_eq!(
+            enroll_device(db, &enr, "new-1", 5).unwrap(),
+            field,
+            "a refusal spends nothing"
+        );
+        assert_eq!(
+            get_device(db, "new-1").unwrap().unwrap().group.as_deref(),
+            Some("field")
+        );
+        assert_eq!(
+            enroll_device(db, &enr, "new-2", 1_000).unwrap(),
+            Err(EnrollRefusal::Token),
             "expired"
         );
+        assert_eq!(enroll_device(db, &enr, "new-2", 6).unwrap(), field);
         assert_eq!(
-            redeem_enrollment_token(db, &enr, 6).unwrap(),
-            Some(Some("field".into()))
-        );
-        assert_eq!(
-            redeem_enrollment_token(db, &enr, 7).unwrap(),
-            None,
+            enroll_device(db, &enr, "new-3", 7).unwrap(),
+            Err(EnrollRefusal::Token),
             "used up"
         );
-        assert_eq!(redeem_enrollment_token(db, "enr_x", 7).unwrap(), None);
+        assert!(
+            get_device(db, "new-3").unwrap().is_none(),
+            "a refused enrollment registers nothing"
+        );
+        assert_eq!(rollout_views(db, "digits").unwrap().len(), 2);
 
         // Audit.
         audit(db, "ops", "device.update", "cam-1", "{}", 100).unwrap();
@@ -717,6 +826,7 @@ mod tests {
 
         // Series: two replicas, device counts once, verdicts added.
         let minute = |inputs, lat: Vec<u32>| Minute {
+            answered: lat.len() as u64,
             inputs,
             escalations: inputs / 4,
             verdicts: 2,

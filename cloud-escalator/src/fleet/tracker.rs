@@ -1,9 +1,11 @@
 //! What the fleet's MQTT traffic says about each device, folded into rows to store. Pure: the
 //! ingester feeds it decoded messages and the receive time, and takes the changed rows to write.
 //!
-//! Each replica ingests every device message (the subscriptions are not shared), so rows hold
-//! absolute values that every replica computes alike, never increments: two replicas writing the
-//! same row write the same thing.
+//! Each replica ingests every device message (the subscriptions are not shared) and writes whole
+//! rows. Reported values (status, last telemetry window, OTA state) are the same on every replica;
+//! the agreement counts (`verdicts_seen`, `agreements_seen`) are sums over the telemetry a replica
+//! has seen, so a replica started later writes smaller sums until the rows converge on its own
+//! (it starts from the stored row, so a restart does not lose them).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -73,7 +75,9 @@ pub struct Minute {
     pub verdicts: u64,
     /// Of which the edge agreed.
     pub agreements: u64,
-    /// Verdict latencies (µs) of escalations this replica answered.
+    /// Verdicts this replica sent.
+    pub answered: u64,
+    /// Their latencies (µs), or a sample of them beyond [`MAX_LATENCY_SAMPLES`].
     pub latencies_us: Vec<u32>,
 }
 
@@ -90,7 +94,8 @@ impl Minute {
 }
 
 /// At most this many latency samples are kept per minute; beyond it, the percentiles come from a
-/// systematic sample (every other sample is dropped), which bounds memory under any load.
+/// systematic sample (every other sample is dropped when the buffer fills, so later samples weigh
+/// up to twice as much as earlier ones), which bounds memory under any load.
 const MAX_LATENCY_SAMPLES: usize = 20_000;
 
 /// Folds device messages into rows.
@@ -226,6 +231,7 @@ impl Tracker {
     /// Records one verdict this replica sent, `latency_us` after the escalation arrived.
     pub fn answered(&mut self, latency_us: u32, now_ms: u64) {
         let minute = self.minutes.entry(minute_of(now_ms)).or_default();
+        minute.answered += 1;
         if minute.latencies_us.len() >= MAX_LATENCY_SAMPLES {
             let mut keep = false;
             minute.latencies_us.retain(|_| {
@@ -252,6 +258,16 @@ impl Tracker {
         let all: Vec<(u64, Minute)> = self.minutes.iter().map(|(m, v)| (*m, v.clone())).collect();
         self.minutes.retain(|m, _| *m >= current);
         all
+    }
+}
+
+impl Tracker {
+    /// Takes back minutes whose write failed, to be written with the next flush (a minute still
+    /// held is newer than its taken copy and stays).
+    pub fn restore_minutes(&mut self, minutes: Vec<(u64, Minute)>) {
+        for (start, minute) in minutes {
+            self.minutes.entry(start).or_insert(minute);
+        }
     }
 }
 
@@ -347,11 +363,16 @@ mod tests {
             (m.inputs, m.escalations, m.verdicts, m.agreements),
             (150, 10, 10, 8)
         );
+        assert_eq!(m.answered, 3);
         assert_eq!(m.latency_percentile(50.0), Some(200));
         assert_eq!(m.latency_percentile(99.0), Some(300));
         // The current minute stays (it is still filling); an earlier one is dropped once taken.
-        assert_eq!(t.take_minutes(130_000).len(), 1);
+        let taken = t.take_minutes(130_000);
+        assert_eq!(taken.len(), 1);
         assert!(t.take_minutes(130_000).is_empty());
+        // A failed write gives them back.
+        t.restore_minutes(taken);
+        assert_eq!(t.take_minutes(130_000).len(), 1);
     }
 
     #[test]
@@ -397,6 +418,11 @@ mod tests {
         }
         let m = &t.take_minutes(5)[0].1;
         assert!(m.latencies_us.len() <= MAX_LATENCY_SAMPLES);
+        assert_eq!(
+            m.answered,
+            MAX_LATENCY_SAMPLES as u64 * 3,
+            "every verdict counted"
+        );
         let p50 = m.latency_percentile(50.0).unwrap();
         // The sample still spans the range.
         assert!(p50 > 10_000 && p50 < 50_000, "{p50}");
