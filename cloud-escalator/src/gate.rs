@@ -172,6 +172,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let shared = Arc::new(Shared {
+        slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
         acceptor: TlsAcceptor::from(tls),
         upstream,
         fleet,
@@ -181,12 +182,16 @@ pub async fn run(
     if let Ok(listen) = listener.local_addr() {
         tracing::info!(%listen, upstream = %upstream.v5, upstream_v311 = ?upstream.v311, fleet = %shared.fleet, "device gate listening");
     }
-    let slots = Arc::new(Semaphore::new(shared.limits.max_connections.max(1)));
+    // Handshakes have a small budget of their own, and a connection takes one of the
+    // `max_connections` slots only once its certificate holds: clients without a certificate
+    // can hold at most HANDSHAKES sockets, each for at most `connect_timeout`, never a device's
+    // slot.
+    let handshakes = Arc::new(Semaphore::new(HANDSHAKES));
     let tracker = TaskTracker::new();
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
-            permit = slots.clone().acquire_owned() => match permit {
+            permit = handshakes.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
                 Err(_) => break, // closed: never happens, the semaphore is ours
             },
@@ -211,17 +216,21 @@ pub async fn run(
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             shared.stats.active.fetch_add(1, Ordering::Relaxed);
-            serve(tcp, peer, &shared, &shutdown).await;
+            serve(tcp, peer, &shared, &shutdown, permit).await;
             shared.stats.active.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
         });
     }
     tracker.close();
     tracker.wait().await;
 }
 
+/// Concurrent TLS handshakes at most.
+const HANDSHAKES: usize = 256;
+
 /// What every connection task needs.
 struct Shared {
+    /// Established device connections, `max_connections` at most.
+    slots: Arc<Semaphore>,
     acceptor: TlsAcceptor,
     upstream: Upstream,
     fleet: String,
@@ -263,7 +272,13 @@ async fn close<S: AsyncWrite + Unpin>(stream: &mut S, reply: Option<&[u8]>) {
 
 /// One device connection: handshake, CONNECT, then both directions until either side closes,
 /// a rule is broken, or `shutdown`.
-async fn serve(tcp: TcpStream, peer: SocketAddr, shared: &Shared, shutdown: &CancellationToken) {
+async fn serve(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+    handshake_permit: tokio::sync::OwnedSemaphorePermit,
+) {
     // Nagle's algorithm against delayed ACKs costs ~40 ms per request/response exchange.
     let _ = tcp.set_nodelay(true);
     let deadline = Instant::now() + shared.limits.connect_timeout;
@@ -285,6 +300,12 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, shared: &Shared, shutdown: &Can
             tracing::warn!(%peer, "gate: TLS handshake timed out");
             return;
         }
+    };
+    drop(handshake_permit);
+    let Ok(_slot) = shared.slots.clone().try_acquire_owned() else {
+        tracing::warn!(%peer, max = shared.limits.max_connections, "gate full: connection closed");
+        close(&mut tls, None).await;
+        return;
     };
     let device = tls
         .get_ref()

@@ -100,6 +100,10 @@ impl Drop for Gated {
 }
 
 async fn gated(pki: &Pki) -> Gated {
+    gated_with(pki, GateLimits::default()).await
+}
+
+async fn gated_with(pki: &Pki, limits: GateLimits) -> Gated {
     let v5: SocketAddr = (
         [127, 0, 0, 1],
         cloud_escalator::broker::free_local_port().unwrap(),
@@ -124,7 +128,7 @@ async fn gated(pki: &Pki) -> Gated {
             v311: Some(v311),
         },
         FLEET.to_string(),
-        GateLimits::default(),
+        limits,
         stats.clone(),
         shutdown.clone(),
     ));
@@ -411,6 +415,49 @@ async fn unknown_expired_and_missing_certificates_fail_the_handshake() {
     }
     assert_eq!(gated.stats.handshake_failures.load(Ordering::Relaxed), 4);
     assert_eq!(gated.stats.connected.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn clients_without_certificates_cannot_take_devices_slots() {
+    let pki = Pki::new();
+    let gated = gated_with(
+        &pki,
+        GateLimits {
+            max_connections: 1,
+            ..GateLimits::default()
+        },
+    )
+    .await;
+    // Sockets that never start a handshake hold no device slot.
+    let mut idle = Vec::new();
+    for _ in 0..5 {
+        idle.push(tokio::net::TcpStream::connect(gated.gate).await.unwrap());
+    }
+    let a = pki.device("device-a");
+    let (client, _events) = connect(tls_options("device-a", gated.gate, &a))
+        .await
+        .expect("device-a gets the one slot");
+    // The slot is taken: a second device is turned away after its handshake.
+    let b = pki.device("device-b");
+    assert!(
+        connect(tls_options("device-b", gated.gate, &b))
+            .await
+            .is_err()
+    );
+    // Freed when device-a leaves.
+    client.disconnect().await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match connect(tls_options("device-b", gated.gate, &b)).await {
+            Ok(_) => break,
+            Err(e) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "slot not freed: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(idle);
 }
 
 #[tokio::test]
