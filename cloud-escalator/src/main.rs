@@ -251,6 +251,32 @@ enum ModelsCommand {
 
 #[derive(Subcommand)]
 enum PerfCommand {
+    /// Simulated devices (one MQTT connection each) report to a running escalator with
+    /// `[management]`; measures how long until all are registered and the fleet API's latency
+    /// under that load. See bench/fleet.sh.
+    Fleet {
+        /// Broker the escalator uses.
+        #[arg(long)]
+        broker: String,
+        /// Fleet the escalator serves.
+        #[arg(long, default_value = "default")]
+        fleet: String,
+        /// Simulated devices.
+        #[arg(long, default_value_t = 1000)]
+        devices: usize,
+        /// The fleet API.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        api: String,
+        /// An API token.
+        #[arg(long, env = "CASCADE_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Telemetry interval of each device, milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        /// Seconds to keep the load on once every device is registered.
+        #[arg(long, default_value_t = 20)]
+        hold_s: u64,
+    },
     /// Simulated devices take a model update from a running escalator (`serve` with
     /// `[ota] registry`): bytes on the wire per device and total time. See bench/ota.sh.
     Ota {
@@ -709,6 +735,27 @@ async fn perf(command: PerfCommand) -> anyhow::Result<()> {
                 r.latency.over_40ms,
                 r.escalation_bytes
             )?;
+            writeln!(out, "{}", serde_json::to_string(&r)?)?;
+        }
+        PerfCommand::Fleet {
+            broker,
+            fleet,
+            devices,
+            api,
+            token,
+            interval_ms,
+            hold_s,
+        } => {
+            let options = perf::FleetLoadOptions {
+                broker,
+                fleet,
+                devices,
+                api,
+                token,
+                interval: std::time::Duration::from_millis(interval_ms.max(10)),
+                hold: std::time::Duration::from_secs(hold_s),
+            };
+            let r = perf::fleet_load(options, &mut log).await?;
             writeln!(out, "{}", serde_json::to_string(&r)?)?;
         }
         PerfCommand::Ota {

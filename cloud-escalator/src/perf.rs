@@ -711,3 +711,170 @@ pub async fn ota_fleet(
         seconds,
     })
 }
+
+/// `perf fleet` settings.
+#[derive(Debug, Clone)]
+pub struct FleetLoadOptions {
+    /// Broker URL the escalator's registry reads.
+    pub broker: String,
+    /// Fleet name.
+    pub fleet: String,
+    /// Simulated devices.
+    pub devices: usize,
+    /// The fleet API, e.g. `http://127.0.0.1:8080`.
+    pub api: String,
+    /// A read-only (or admin) API token.
+    pub token: String,
+    /// Telemetry interval of each device.
+    pub interval: Duration,
+    /// How long to keep the load on after every device is registered.
+    pub hold: Duration,
+}
+
+/// What `perf fleet` measured.
+#[derive(Debug, Serialize)]
+pub struct FleetLoadReport {
+    /// Devices simulated.
+    pub devices: usize,
+    /// Devices the registry listed online at the end.
+    pub registered: u64,
+    /// From the first connection to every device listed online, seconds.
+    pub register_s: f64,
+    /// Telemetry messages sent, all devices.
+    pub telemetry: u64,
+    /// `GET /api/v1/devices?limit=10000` (the whole fleet, as the console loads it) while the
+    /// devices report.
+    pub list_all: Latency,
+    /// `GET /api/v1/summary` while the devices report.
+    pub summary: Latency,
+}
+
+/// Simulates `devices` devices (one MQTT connection each, a retained status with a last will,
+/// telemetry every `interval`) reporting to an escalator with `[management]`, and measures its
+/// API under that load.
+pub async fn fleet_load(
+    options: FleetLoadOptions,
+    log: &mut impl Write,
+) -> anyhow::Result<FleetLoadReport> {
+    use cascade_proto::status::{Counters, DeviceStatus, Presence, Telemetry};
+    use cascade_proto::topic::{Channel, DeviceTopic};
+    use rumqttc::v5::mqttbytes::v5::LastWill;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let (host, port, _) =
+        edge_agent::config::broker_address(&options.broker).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let shutdown = CancellationToken::new();
+    let sent = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..options.devices {
+        let (o, host, shutdown, sent) = (
+            options.clone(),
+            host.clone(),
+            shutdown.clone(),
+            sent.clone(),
+        );
+        tasks.spawn(async move {
+            let device = format!("load-{i:05}");
+            let topic = |channel| DeviceTopic { fleet: &o.fleet, device: &device, channel }.to_string();
+            let status = |presence| {
+                encode(&Message::DeviceStatus(DeviceStatus {
+                    device: device.clone(),
+                    presence,
+                    agent_version: "0.1.0".into(),
+                    model: Some(ModelRef::new("digits-edge", Version::new(1, 0, 0))),
+                    policy_sequence: 0,
+                    counters: Counters::default(),
+                    uptime_s: 0,
+                    at_ms: 0,
+                }))
+            };
+            let mut mqtt = MqttOptions::new(device.clone(), host, port);
+            mqtt.set_keep_alive(Duration::from_secs(30));
+            mqtt.set_outgoing_inflight_upper_limit(16);
+            mqtt.set_last_will(LastWill::new(topic(Channel::Status), status(Presence::Offline), QoS::AtLeastOnce, true, None));
+            let (client, mut events) = AsyncClient::new(mqtt, 16);
+            let _ = client
+                .publish(topic(Channel::Status), QoS::AtLeastOnce, true, status(Presence::Online))
+                .await;
+            let mut tick = tokio::time::interval(o.interval);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick() => {
+                        let t = Telemetry {
+                            device: device.clone(), at_ms: 0, window_ms: o.interval.as_millis() as u32,
+                            inputs: 100, escalations: 7, audits: 1, budget_overflows: 0, verdicts: 7,
+                            agreements: 6, errors: 0, inference_p50_us: 40, inference_p99_us: 90, queue_depth: 0,
+                        };
+                        if client.try_publish(topic(Channel::Telemetry), QoS::AtLeastOnce, false, encode(&Message::Telemetry(t))).is_ok() {
+                            sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    event = events.poll() => if event.is_err() {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+            let _ = client.try_disconnect();
+        });
+    }
+    let client = Arc::new(cloud_escalator::fleet::client::Client::new(
+        &options.api,
+        Some(options.token.clone()),
+    ));
+    let get = |path: &'static str| {
+        let client = client.clone();
+        async move {
+            let t = Instant::now();
+            let value =
+                tokio::task::spawn_blocking(move || client.json("GET", path, None)).await??;
+            Ok::<_, anyhow::Error>((t.elapsed(), value))
+        }
+    };
+    let (mut list, mut summary) = (Vec::new(), Vec::new());
+    let mut register_s = None;
+    let mut registered = 0;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut hold_until = None;
+    while Instant::now() < deadline && hold_until.is_none_or(|h| Instant::now() < h) {
+        let (elapsed, s) = get("/summary").await?;
+        summary.push(elapsed.as_secs_f64() * 1e6);
+        registered = s["devices"]["online"].as_u64().unwrap_or(0);
+        if register_s.is_none() && registered >= options.devices as u64 {
+            register_s = Some(started.elapsed().as_secs_f64());
+            hold_until = Some(Instant::now() + options.hold);
+            writeln!(
+                log,
+                "all {} devices registered after {:.1} s; holding {:?}",
+                options.devices,
+                started.elapsed().as_secs_f64(),
+                options.hold
+            )?;
+        }
+        let (elapsed, _) = get("/devices?limit=10000").await?;
+        list.push(elapsed.as_secs_f64() * 1e6);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+    let report = FleetLoadReport {
+        devices: options.devices,
+        registered,
+        register_s: register_s.unwrap_or(f64::NAN),
+        telemetry: sent.load(Ordering::Relaxed),
+        list_all: Latency::of(list),
+        summary: Latency::of(summary),
+    };
+    writeln!(
+        log,
+        "{} devices, {} registered in {:.1} s; list all p50 {:.1} ms p99 {:.1} ms; summary p50 {:.1} ms",
+        report.devices,
+        report.registered,
+        report.register_s,
+        report.list_all.p50_us / 1e3,
+        report.list_all.p99_us / 1e3,
+        report.summary.p50_us / 1e3
+    )?;
+    Ok(report)
+}
