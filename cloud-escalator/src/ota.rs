@@ -221,6 +221,26 @@ impl Server {
     }
 }
 
+/// Subscribes to `channels` of every device of `fleet`. Statuses at QoS 0: they are retained and
+/// republished anyway, and the embedded broker gives a new QoS 1 subscription only 100 retained
+/// messages (see `Session::try_subscribe_at_most_once`).
+pub(crate) fn subscribe_device_channels(session: &Session, fleet: &str, channels: &[Channel]) {
+    for &channel in channels {
+        let Ok(filter) = Filter::channel(fleet, channel) else {
+            continue;
+        };
+        let filter = filter.to_string();
+        let queued = if channel == Channel::Status {
+            session.try_subscribe_at_most_once(&filter)
+        } else {
+            session.try_subscribe(&filter)
+        };
+        if !queued {
+            tracing::error!(%filter, "cannot subscribe: client queue full");
+        }
+    }
+}
+
 /// Runs the OTA server until `shutdown`.
 pub async fn run(
     registry: Registry,
@@ -242,11 +262,6 @@ pub async fn run(
         stats,
     };
     server.rescan();
-    let filters: Vec<String> = [Channel::Status, Channel::OtaRequest, Channel::OtaStatus]
-        .into_iter()
-        .filter_map(|c| Filter::channel(&server.fleet, c).ok())
-        .map(|f| f.to_string())
-        .collect();
     let mut rescan = tokio::time::interval(Duration::from_millis(config.rescan_ms.max(100)));
     let mut backoff = Backoff::default();
     loop {
@@ -259,17 +274,11 @@ pub async fn run(
             event = session.poll() => match event {
                 SessionEvent::Connected { .. } => {
                     backoff.reset();
-                    // Retained statuses at QoS 0: see `Session::try_subscribe_at_most_once`.
-                    for (i, f) in filters.iter().enumerate() {
-                        let queued = if i == 0 {
-                            session.try_subscribe_at_most_once(f)
-                        } else {
-                            session.try_subscribe(f)
-                        };
-                        if !queued {
-                            tracing::error!(filter = %f, "cannot subscribe: client queue full");
-                        }
-                    }
+                    subscribe_device_channels(
+                        &session,
+                        &server.fleet,
+                        &[Channel::Status, Channel::OtaRequest, Channel::OtaStatus],
+                    );
                     // A new session: offer again (retained manifests survive, but a broker
                     // restarted without persistence lost them).
                     server.offered.clear();
@@ -291,12 +300,5 @@ pub async fn run(
             }
         }
     }
-    session.try_disconnect();
-    let _ = tokio::time::timeout(Duration::from_millis(500), async {
-        while !matches!(
-            session.poll().await,
-            SessionEvent::Disconnected | SessionEvent::Lost(_)
-        ) {}
-    })
-    .await;
+    session.disconnect(Duration::from_millis(500)).await;
 }

@@ -779,15 +779,7 @@ impl Consumer {
                 break;
             }
         }
-        self.session.try_disconnect();
-        // Let the disconnect go out.
-        let _ = tokio::time::timeout(Duration::from_millis(500), async {
-            while !matches!(
-                self.session.poll().await,
-                SessionEvent::Disconnected | SessionEvent::Lost(_)
-            ) {}
-        })
-        .await;
+        self.session.disconnect(Duration::from_millis(500)).await;
         tracing::info!("escalator stopped");
     }
 

@@ -363,6 +363,19 @@ impl Session {
         }
     }
 
+    /// Sends DISCONNECT and waits up to `grace` for it to go out (a clean stop: the broker does
+    /// not publish the last will).
+    pub async fn disconnect(&mut self, grace: std::time::Duration) {
+        self.try_disconnect();
+        let _ = tokio::time::timeout(grace, async {
+            while !matches!(
+                self.poll().await,
+                SessionEvent::Disconnected | SessionEvent::Lost(_)
+            ) {}
+        })
+        .await;
+    }
+
     /// Queues the acknowledgement of a received message (sessions with manual acknowledgements).
     pub fn try_ack(&self, ack: &Ack) -> bool {
         match (&self.connection, &ack.0) {

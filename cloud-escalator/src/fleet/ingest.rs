@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cascade_proto::topic::{Channel, DeviceTopic, Filter};
+use cascade_proto::topic::{Channel, DeviceTopic};
 use cascade_proto::{Limits, decode};
 use edge_agent::connection::Backoff;
 use edge_agent::mqtt::{Session, SessionEvent};
@@ -64,11 +64,6 @@ pub async fn run(
         Ok(Err(e)) => tracing::error!(error = %e, "device registry not loaded; starting empty"),
         Err(e) => tracing::error!(error = %e, "device registry load panicked"),
     }
-    let filters: Vec<String> = [Channel::Status, Channel::Telemetry, Channel::OtaStatus]
-        .into_iter()
-        .filter_map(|c| Filter::channel(&fleet, c).ok())
-        .map(|f| f.to_string())
-        .collect();
     let limits = Limits::default();
     let mut flush = tokio::time::interval(flush_every);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -84,17 +79,11 @@ pub async fn run(
             event = session.poll() => match event {
                 SessionEvent::Connected { .. } => {
                     backoff.reset();
-                    // Retained statuses at QoS 0: see `Session::try_subscribe_at_most_once`.
-                    for (i, f) in filters.iter().enumerate() {
-                        let queued = if i == 0 {
-                            session.try_subscribe_at_most_once(f)
-                        } else {
-                            session.try_subscribe(f)
-                        };
-                        if !queued {
-                            tracing::error!(filter = %f, "cannot subscribe: client queue full");
-                        }
-                    }
+                    crate::ota::subscribe_device_channels(
+                        &session,
+                        &fleet,
+                        &[Channel::Status, Channel::Telemetry, Channel::OtaStatus],
+                    );
                 }
                 SessionEvent::Message(m) => {
                     let Ok(topic_text) = std::str::from_utf8(&m.topic) else { continue };
@@ -134,14 +123,7 @@ pub async fn run(
         tracker.answered(latency, now_ms());
     }
     write(&db, &replica, &mut tracker, &mut pending_rows, &stats).await;
-    session.try_disconnect();
-    let _ = tokio::time::timeout(Duration::from_millis(500), async {
-        while !matches!(
-            session.poll().await,
-            SessionEvent::Disconnected | SessionEvent::Lost(_)
-        ) {}
-    })
-    .await;
+    session.disconnect(Duration::from_millis(500)).await;
 }
 
 /// Writes changed rows and the minutes; on failure keeps the rows for the next attempt.
