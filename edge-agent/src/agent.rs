@@ -192,6 +192,17 @@ fn load_model(config: &AgentConfig, path: &Path) -> Result<Loaded, AgentError> {
     })
 }
 
+/// The async runtime the agent runs on, for `run` and for `bench --pipeline` alike.
+///
+/// Multi-threaded: the link's spool writes (fsync) block their worker for milliseconds, and must
+/// not hold up results meanwhile. Measured with one worker or a current-thread runtime, the
+/// per-input overhead was no lower.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
 /// Starts the agent's tasks. `shutdown` stops them (so does [`AgentHandle::stop`]).
 pub async fn start(
     config: AgentConfig,
@@ -329,7 +340,11 @@ pub async fn start(
     // Inference runs off the async threads, on a blocking thread that owns the model.
     let model = loaded.model.clone();
     let worker_stats = stats.clone();
-    tracker.spawn_blocking(move || inference_worker(model, input_rx, inferred_tx, worker_stats));
+    // On one core, spinning only delays the thread that would send the next input.
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let spin = Duration::from_micros(if cores > 1 { config.model.spin_us } else { 0 });
+    tracker
+        .spawn_blocking(move || inference_worker(model, spin, input_rx, inferred_tx, worker_stats));
 
     let decider = Decider {
         policy: PolicyState::new(config.initial_policy()?, now_ms()),
@@ -424,11 +439,12 @@ struct Inferred {
 
 fn inference_worker(
     model: Arc<dyn Model>,
+    spin: Duration,
     mut inputs: mpsc::Receiver<InputItem>,
     out: mpsc::Sender<Inferred>,
     stats: Arc<Stats>,
 ) {
-    while let Some(mut item) = inputs.blocking_recv() {
+    while let Some(mut item) = next_input(&mut inputs, spin) {
         let started = Instant::now();
         let tensors = std::mem::take(&mut item.inputs);
         // The input tensor is needed again if the input is escalated.
@@ -448,6 +464,26 @@ fn inference_worker(
             return;
         }
     }
+}
+
+/// The next input: polled for up to `spin` first, because putting this thread to sleep and waking
+/// it again costs more than the polling when inputs come back to back (config `model.spin_us`).
+/// `None` once every sender is gone.
+fn next_input(inputs: &mut mpsc::Receiver<InputItem>, spin: Duration) -> Option<InputItem> {
+    if !spin.is_zero() {
+        let until = Instant::now() + spin;
+        loop {
+            match inputs.try_recv() {
+                Ok(item) => return Some(item),
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                Err(mpsc::error::TryRecvError::Empty) if Instant::now() < until => {
+                    std::hint::spin_loop();
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+            }
+        }
+    }
+    inputs.blocking_recv()
 }
 
 /// A result and where it should also be delivered.
@@ -820,6 +856,33 @@ async fn telemetry(
             {
                 return;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(id: &str) -> InputItem {
+        InputItem::new(id, Vec::new())
+    }
+
+    #[test]
+    fn next_input_takes_what_arrives_while_spinning_or_asleep() {
+        for spin in [Duration::ZERO, Duration::from_micros(200)] {
+            let (tx, mut rx) = mpsc::channel(4);
+            tx.try_send(item("queued")).unwrap();
+            assert_eq!(next_input(&mut rx, spin).unwrap().id, "queued");
+            // Sent later than any spin: found by the blocking receive after it.
+            let sender = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                tx.blocking_send(item("late")).unwrap();
+            });
+            assert_eq!(next_input(&mut rx, spin).unwrap().id, "late");
+            sender.join().unwrap();
+            // Every sender gone: the worker stops.
+            assert!(next_input(&mut rx, spin).is_none());
         }
     }
 }

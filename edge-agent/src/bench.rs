@@ -239,6 +239,8 @@ pub struct PipelineReport {
     pub model: String,
     /// Inputs measured.
     pub iterations: usize,
+    /// The inference thread's polling window (`model.spin_us`).
+    pub spin_us: u64,
     /// Input handed to the agent → its result delivered, p50, microseconds.
     pub end_to_end_p50_us: f64,
     /// The model's run inside that, p50, microseconds.
@@ -253,7 +255,11 @@ pub struct PipelineReport {
 
 impl fmt::Display for PipelineReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "model       {} ({} inputs)", self.model, self.iterations)?;
+        writeln!(
+            f,
+            "model       {} ({} inputs, spin_us = {})",
+            self.model, self.iterations, self.spin_us
+        )?;
         writeln!(
             f,
             "per input   end to end p50 {:.1} us, of which the model {:.1} us",
@@ -270,7 +276,8 @@ impl fmt::Display for PipelineReport {
 /// Runs the whole agent in this process (input channel, inference thread, policy, result
 /// delivery; no escalations, no broker) and measures, one input at a time, what it adds to the
 /// model's own time.
-pub async fn pipeline(options: &BenchOptions) -> anyhow::Result<PipelineReport> {
+/// `spin_us` is the agent's `model.spin_us`.
+pub async fn pipeline(options: &BenchOptions, spin_us: u64) -> anyhow::Result<PipelineReport> {
     let state = tempfile::tempdir()?;
     // A broker address nobody listens on: the agent retries in the background, as offline
     // devices do; nothing is escalated (threshold 0, no audit sample).
@@ -285,6 +292,7 @@ state_dir = {state:?}
 path = {model:?}
 backend = "{backend}"
 threads = {threads}
+spin_us = {spin_us}
 [policy]
 threshold = 0.0
 audit_rate = 0.0
@@ -341,6 +349,7 @@ interval_s = 3600
     Ok(PipelineReport {
         model: options.model.display().to_string(),
         iterations,
+        spin_us,
         end_to_end_p50_us: percentile(&total, 0.5),
         model_p50_us: percentile(&model, 0.5),
         overhead_p50_us: percentile(&overhead, 0.5),

@@ -99,7 +99,23 @@ pub struct ModelConfig {
     /// Inference worker threads.
     #[serde(default = "one")]
     pub threads: usize,
+    /// After each input, the inference thread polls for the next one for this long (µs) before
+    /// it sleeps. Back-to-back inputs then skip a thread wake-up (tens of µs on a VM), at the
+    /// cost of at most this much CPU per input. 0 never spins (battery-powered devices); nor
+    /// does a single-core device.
+    #[serde(default = "default_spin_us")]
+    pub spin_us: u64,
 }
+
+fn default_spin_us() -> u64 {
+    DEFAULT_SPIN_US
+}
+
+/// The default [`ModelConfig::spin_us`].
+pub const DEFAULT_SPIN_US: u64 = 50;
+
+/// The longest [`ModelConfig::spin_us`] accepted: past a millisecond spinning only burns CPU.
+pub const MAX_SPIN_US: u64 = 1_000;
 
 fn default_backend() -> String {
     "auto".into()
@@ -393,6 +409,12 @@ impl AgentConfig {
         if self.model.threads == 0 {
             return invalid("model.threads must be at least 1".into());
         }
+        if self.model.spin_us > MAX_SPIN_US {
+            return invalid(format!(
+                "model.spin_us = {} is over {MAX_SPIN_US} µs: spinning longer only burns CPU",
+                self.model.spin_us
+            ));
+        }
         let policy = self.initial_policy()?;
         policy.validate().or_else(|e| invalid(e.to_string()))?;
         if policy.privacy == PrivacyMode::Redacted && self.redaction.key.len() < 16 {
@@ -573,6 +595,19 @@ path = "models/digits-edge.int8.tflite"
             let err = c.validate().unwrap_err().to_string();
             assert!(err.contains(expected), "{extra}: {err}");
         }
+    }
+
+    #[test]
+    fn spinning_is_bounded() {
+        let c: AgentConfig = toml::from_str(MINIMAL).unwrap();
+        assert_eq!(c.model.spin_us, DEFAULT_SPIN_US);
+        let with = |spin: u64| {
+            toml::from_str::<AgentConfig>(&format!("{MINIMAL}spin_us = {spin}\n")).unwrap()
+        };
+        with(0).validate().unwrap();
+        with(MAX_SPIN_US).validate().unwrap();
+        let err = with(MAX_SPIN_US + 1).validate().unwrap_err().to_string();
+        assert!(err.contains("model.spin_us"), "{err}");
     }
 
     #[test]

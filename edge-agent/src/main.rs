@@ -88,6 +88,10 @@ enum Command {
         /// the model's run.
         #[arg(long, conflicts_with_all = ["profile", "inputs", "batch"])]
         pipeline: bool,
+        /// With --pipeline: the agent's `model.spin_us` (how long the inference thread polls
+        /// for the next input before sleeping; 0 never spins).
+        #[arg(long, default_value_t = edge_agent::config::DEFAULT_SPIN_US, requires = "pipeline")]
+        spin_us: u64,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -260,6 +264,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             inputs,
             profile,
             pipeline,
+            spin_us,
             json,
         } => {
             let options = BenchOptions {
@@ -272,10 +277,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 profile,
             };
             if pipeline {
-                let runtime = tokio::runtime::Builder::new_multi_thread()
-                    .enable_all()
-                    .build()?;
-                let report = runtime.block_on(edge_agent::bench::pipeline(&options))?;
+                let runtime = edge_agent::agent::runtime()?;
+                let report = runtime.block_on(edge_agent::bench::pipeline(&options, spin_us))?;
                 if json {
                     writeln!(out, "{}", serde_json::to_string(&report)?)?;
                 } else {
@@ -435,10 +438,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(64);
             }
         };
-        let runtime = match tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-        {
+        let runtime = match edge_agent::agent::runtime() {
             Ok(r) => r,
             Err(e) => {
                 #[allow(clippy::print_stderr)]

@@ -337,6 +337,43 @@ mod model_tools {
     }
 
     #[test]
+    fn pipeline_bench_runs_the_whole_agent_with_and_without_spinning() {
+        for spin in ["0", "50"] {
+            let out = agent(&[
+                "bench",
+                "--pipeline",
+                "--spin-us",
+                spin,
+                "--model",
+                &model("digits-edge.int8.tflite"),
+                "--warmup",
+                "5",
+                "--iterations",
+                "100",
+                "--json",
+            ]);
+            assert!(out.status.success(), "{}", stderr(&out));
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(report["spin_us"], spin.parse::<u64>().unwrap(), "{report}");
+            assert_eq!(report["iterations"], 100);
+            let total = report["end_to_end_p50_us"].as_f64().unwrap();
+            let model = report["model_p50_us"].as_f64().unwrap();
+            assert!(model > 0.0 && total >= model, "{report}");
+        }
+        // Spinning is bounded: the agent refuses a window that only burns CPU.
+        let out = agent(&[
+            "bench",
+            "--pipeline",
+            "--spin-us",
+            "5000",
+            "--model",
+            &model("digits-edge.int8.tflite"),
+        ]);
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains("model.spin_us"), "{}", stderr(&out));
+    }
+
+    #[test]
     fn eval_reports_edge_cloud_and_cascade_accuracy() {
         let out = agent(&[
             "eval",
