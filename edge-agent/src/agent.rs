@@ -118,6 +118,9 @@ fn load_options(config: &AgentConfig) -> Result<LoadOptions, AgentError> {
     Ok(LoadOptions {
         backend: config.model.backend.parse().map_err(ConfigError::Invalid)?,
         threads: config.model.threads,
+        // Sources shape every input with a batch of one: compile for it now, so that a model
+        // (configured, or arriving by OTA) that cannot run is refused at load.
+        batch: Some(1),
         ..LoadOptions::default()
     })
 }

@@ -64,6 +64,20 @@ impl TensorSpec {
             })
     }
 
+    /// The concrete shape with a free first dimension set to `batch`, when that is the only free
+    /// dimension (or there is none).
+    pub fn shape_with_batch(&self, batch: usize) -> Option<Vec<usize>> {
+        self.shape
+            .iter()
+            .enumerate()
+            .map(|(i, d)| match d {
+                Dim::Fixed(n) => Some(*n),
+                Dim::Symbolic(_) if i == 0 => Some(batch),
+                Dim::Symbolic(_) => None,
+            })
+            .collect()
+    }
+
     /// The shape with every dimension known, if it has no symbolic one.
     pub fn fixed_shape(&self) -> Option<Vec<usize>> {
         self.shape
@@ -264,6 +278,10 @@ pub struct LoadOptions {
     /// Concrete shapes for inputs whose declared shape has symbolic dimensions, by input name.
     /// Given, the model is compiled for them at load time; otherwise on first use of each shape.
     pub input_shapes: HashMap<String, Vec<usize>>,
+    /// The batch size inputs will come with, for models whose only free dimension is the first:
+    /// given, such a model is compiled for it at load time (so a model that cannot run fails at
+    /// load, not at its first input), as if its shapes were in `input_shapes`.
+    pub batch: Option<usize>,
 }
 
 /// Splits a batch along axis 0 for models whose batch dimension is fixed at 1, runs each item

@@ -152,6 +152,7 @@ pub(crate) fn load(
                 .get(&s.name)
                 .cloned()
                 .or_else(|| s.fixed_shape())
+                .or_else(|| options.batch.and_then(|b| s.shape_with_batch(b)))
         })
         .collect();
     if let Some(shapes) = shapes
@@ -407,6 +408,67 @@ fn spec_from_value_info(vi: &pb::ValueInfoProto) -> Result<TensorSpec, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Model;
+
+    fn plans(model: &OnnxModel) -> Vec<Vec<Vec<usize>>> {
+        let plans = model.plans.lock().unwrap();
+        plans.iter().map(|(key, _)| key.shapes.clone()).collect()
+    }
+
+    #[test]
+    fn a_known_batch_compiles_a_free_batch_dimension_at_load() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../models/digits-edge.int8.onnx"
+        );
+        let bytes = std::fs::read(path).unwrap();
+        assert!(matches!(
+            model_shape(&bytes)[..],
+            [Dim::Symbolic(_), Dim::Fixed(64)]
+        ));
+
+        let lazy = load(&bytes, path, &LoadOptions::default()).unwrap();
+        assert!(plans(&lazy).is_empty(), "compiled before any input");
+
+        let options = LoadOptions {
+            batch: Some(1),
+            ..LoadOptions::default()
+        };
+        let eager = load(&bytes, path, &options).unwrap();
+        assert_eq!(plans(&eager), [vec![vec![1, 64]]]);
+        // A batch of one runs on that plan; another batch size still compiles on first use.
+        let one = Tensor::F32(ndarray::ArrayD::zeros(vec![1, 64]));
+        eager.run(vec![one]).unwrap();
+        assert_eq!(plans(&eager).len(), 1);
+        let three = Tensor::F32(ndarray::ArrayD::zeros(vec![3, 64]));
+        eager.run(vec![three]).unwrap();
+        assert_eq!(plans(&eager), [vec![vec![1, 64]], vec![vec![3, 64]]]);
+    }
+
+    fn model_shape(bytes: &[u8]) -> Vec<Dim> {
+        let model = load(bytes, "m", &LoadOptions::default()).unwrap();
+        model.info.inputs[0].shape.clone()
+    }
+
+    #[test]
+    fn only_a_free_first_dimension_takes_the_batch() {
+        let spec = |shape: Vec<Dim>| TensorSpec {
+            name: "x".into(),
+            dtype: DType::F32,
+            shape,
+            quantization: None,
+        };
+        let n = || Dim::Symbolic("N".into());
+        assert_eq!(
+            spec(vec![n(), Dim::Fixed(64)]).shape_with_batch(4),
+            Some(vec![4, 64])
+        );
+        assert_eq!(
+            spec(vec![Dim::Fixed(2), Dim::Fixed(3)]).shape_with_batch(4),
+            Some(vec![2, 3])
+        );
+        assert_eq!(spec(vec![n(), n()]).shape_with_batch(4), None);
+    }
 
     #[test]
     fn finds_the_failing_node_in_tract_errors() {
