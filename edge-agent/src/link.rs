@@ -431,7 +431,12 @@ pub async fn run(
         tokio::time::interval(link.settings.retry_after.max(Duration::from_millis(200)) / 2);
     let mut connected = false;
     loop {
-        link.flush(&session);
+        // Only once connected, and so after the subscriptions requested on connecting: the client
+        // sends what it was handed before the connection ahead of them, and a verdict answering an
+        // escalation sent that early would reach the broker before our subscription and be lost.
+        if connected {
+            link.flush(&session);
+        }
         tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(command) = commands.recv(), if link.outbox.len() < 1024 => link.command(command).await,
