@@ -495,18 +495,7 @@ pub async fn run(
     link.flush(&session);
     // Leave cleanly: say we are offline (the will is only sent on an unclean loss) and disconnect.
     session.try_publish(&topic(&link.settings, Channel::Status), true, offline, None);
-    session.try_disconnect();
-    let deadline = tokio::time::sleep(Duration::from_secs(2));
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            _ = &mut deadline => break,
-            event = session.poll() => match event {
-                SessionEvent::Disconnected | SessionEvent::Lost(_) => break,
-                _ => {}
-            },
-        }
-    }
+    session.disconnect(Duration::from_secs(2)).await;
     tracing::info!(
         spooled = link.spool.len(),
         "link stopped; spooled escalations are kept for the next start"
