@@ -151,7 +151,7 @@ impl Link {
             let reason = match d.reason {
                 DropReason::Full => "spool full: oldest escalation dropped",
                 DropReason::Expired => "no verdict in time",
-                DropReason::Corrupt => "spool file unreadable",
+                DropReason::Corrupt => "spool record unreadable",
             };
             tracing::warn!(escalation = %d.entry.id, input = %d.entry.header.input, reason, "escalation dropped");
             let mut event = ResultEvent::new(d.entry.header.input.clone(), Stage::Dropped);

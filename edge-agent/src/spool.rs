@@ -2,34 +2,69 @@
 //!
 //! Every escalation is written to disk before it is sent and leaves only when its verdict has been
 //! applied (the end-to-end acknowledgement, stronger than the broker's PUBACK), so neither a broker
-//! outage, a broker that lost its sessions, nor a `kill -9` loses one, and none is applied twice:
+//! outage, a broker that lost its sessions, nor a `kill -9` loses one, and none is applied twice.
+//!
+//! The spool is one append-only journal, `<dir>/journal`:
 //!
 //! ```text
-//!  <seq>-<id>.esc   written (tmp + fsync + rename) before publishing; republished after a
-//!                   restart or a session the broker did not keep; removed once its verdict is applied
-//!  applied.log      ids whose verdicts were applied (fsynced first), checked before applying one
+//!  "CASCADE-SPOOL-1\n"                      magic, names the format version
+//!  record*   u32 LE body length || u32 LE CRC-32C of the body || body
+//!  body      kind u8 || escalation id (16 bytes) || for kind 1:
+//!            u64 LE seq || u32 LE header length || header JSON || encoded escalation
+//!  kind 1    escalation: appended and flushed before it is published
+//!  kind 2    applied: appended and flushed before its verdict's result is published; the
+//!            escalation leaves, and a verdict redelivered later is recognised
+//!  kind 3    forgotten: the escalation left without a verdict (spool full, expired, unreadable)
 //! ```
+//!
+//! Why one journal rather than a file per escalation: appending to an open file and flushing it
+//! costs one `fdatasync`; a new file costs a flush, a rename and a flush of the directory. On this
+//! project's test VM that is about 110 µs against 320 µs, paid on every escalation's round trip.
+//!
+//! A power loss during an append leaves a torn last record. Opening finds it (its length runs past
+//! the end, or its checksum is wrong) and cuts the journal there; that append had not returned, so
+//! the escalation was never published. Records no longer needed (answered escalations, applied ids
+//! beyond the last [`APPLIED_MEMORY`]) are dropped by rewriting the journal once they exceed a slack
+//! of a few MiB. A spool left by an agent that kept one file per escalation is imported on open.
 //!
 //! Republishing can deliver an escalation twice; the escalator answers duplicates from its cache
 //! and the agent applies each verdict once.
 //!
-//! A spool file is `u32 header length (LE) || header JSON || encoded escalation`. The spool is
-//! bounded by bytes: when a new escalation does not fit, the oldest entries are dropped and
-//! reported to the caller, which counts and logs them; nothing is dropped silently. Awaited
-//! verdicts that never come are expired after a time limit, also reported.
+//! The spool is bounded by bytes: when a new escalation does not fit, the oldest entries are
+//! dropped and reported to the caller, which counts and logs them; nothing is dropped silently.
+//! Awaited verdicts that never come are expired after a time limit, also reported.
 //!
 //! All I/O here is blocking and small; one task owns the spool.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// How many applied ids are remembered (for duplicates redelivered after a reconnect).
-const APPLIED_MEMORY: usize = 10_000;
+pub const APPLIED_MEMORY: usize = 10_000;
+
+const MAGIC: &[u8; 16] = b"CASCADE-SPOOL-1\n";
+const JOURNAL: &str = "journal";
+/// Length and checksum before each record's body.
+const RECORD_HEAD: u64 = 8;
+/// Kind and id: the start of every body.
+const BODY_HEAD: usize = 1 + 16;
+/// Bytes of an applied or forgotten record.
+const MARK_LEN: u64 = RECORD_HEAD + BODY_HEAD as u64;
+/// Journal bytes no longer needed that are tolerated before the journal is rewritten.
+const COMPACT_SLACK: u64 = 4 << 20;
+
+const ESCALATION: u8 = 1;
+const APPLIED: u8 = 2;
+const FORGOTTEN: u8 = 3;
+
+/// Detects torn and damaged records (CRC-32C, the checksum of iSCSI and ext4 metadata).
+const CHECKSUM: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
 
 /// What the agent needs to know about an escalation when its verdict arrives.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,6 +90,23 @@ pub struct Entry {
     pub size: u64,
     /// What it is about.
     pub header: Header,
+    /// Where its record starts in the journal.
+    at: u64,
+    /// Where the encoded escalation starts in the journal; it runs to the record's end.
+    payload_at: u64,
+}
+
+impl Entry {
+    fn payload_len(&self) -> usize {
+        (self.at + self.size - self.payload_at) as usize
+    }
+
+    /// The entry with its offsets moved by `at` (encoded relative to its record's start).
+    fn placed_at(mut self, at: u64) -> Entry {
+        self.at += at;
+        self.payload_at += at;
+        self
+    }
 }
 
 /// Why an entry left without its verdict being applied.
@@ -73,7 +125,7 @@ pub enum DropReason {
     Full,
     /// Its verdict did not come in time.
     Expired,
-    /// Its file could not be read back.
+    /// Its record could not be read back.
     Corrupt,
 }
 
@@ -81,8 +133,12 @@ pub enum DropReason {
 #[derive(Debug)]
 pub struct Spool {
     dir: PathBuf,
+    file: File,
+    /// The end of the last good record: where the next one goes.
+    end: u64,
     max_bytes: u64,
     fsync: bool,
+    compact_slack: u64,
     entries: BTreeMap<u64, Entry>,
     by_id: HashMap<Uuid, u64>,
     bytes: u64,
@@ -91,29 +147,40 @@ pub struct Spool {
     applied_order: VecDeque<Uuid>,
 }
 
-fn file_name(seq: u64, id: Uuid) -> String {
-    format!("{seq:020}-{id}.esc")
+/// Appends one framed record to `out`; returns where its body's `parts` start, relative to `out`.
+fn put_record(out: &mut Vec<u8>, kind: u8, id: Uuid, parts: &[&[u8]]) -> usize {
+    let start = out.len();
+    let body_len = BODY_HEAD + parts.iter().map(|p| p.len()).sum::<usize>();
+    out.extend_from_slice(&(body_len as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.push(kind);
+    out.extend_from_slice(id.as_bytes());
+    let parts_at = out.len();
+    for part in parts {
+        out.extend_from_slice(part);
+    }
+    let crc = CHECKSUM.checksum(&out[start + RECORD_HEAD as usize..]);
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    parts_at
 }
 
-fn parse_name(name: &str) -> Option<(u64, Uuid)> {
-    let stem = name.strip_suffix(".esc")?;
-    let (seq, id) = stem.split_once('-')?;
-    Some((seq.parse().ok()?, id.parse().ok()?))
+/// A placeholder header for entries whose own could not be read.
+fn unknown_header() -> Header {
+    Header {
+        input: String::new(),
+        created_ms: 0,
+        edge_class: 0,
+        edge_confidence: 0.0,
+    }
 }
 
-fn read_header(path: &Path) -> io::Result<(Header, u64)> {
-    let bytes = fs::read(path)?;
-    let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed spool file");
-    let len = u32::from_le_bytes(
-        bytes
-            .get(..4)
-            .ok_or_else(bad)?
-            .try_into()
-            .map_err(|_| bad())?,
-    ) as usize;
-    let header: Header =
-        serde_json::from_slice(bytes.get(4..4 + len).ok_or_else(bad)?).map_err(|_| bad())?;
-    Ok((header, bytes.len() as u64))
+/// Splits an escalation record's parts into seq, header and the payload's offset within `rest`.
+fn parse_escalation(rest: &[u8]) -> Option<(u64, Header, usize)> {
+    let seq = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
+    let header_len = u32::from_le_bytes(rest.get(8..12)?.try_into().ok()?) as usize;
+    let header_end = 12usize.checked_add(header_len)?;
+    let header = serde_json::from_slice(rest.get(12..header_end)?).ok()?;
+    Some((seq, header, header_end))
 }
 
 impl Spool {
@@ -122,10 +189,20 @@ impl Spool {
     /// Returns the spool and the entries that could not be read back (reported, then removed).
     pub fn open(dir: &Path, max_bytes: u64, fsync: bool) -> io::Result<(Spool, Vec<Dropped>)> {
         fs::create_dir_all(dir)?;
+        let path = dir.join(JOURNAL);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
         let mut spool = Spool {
             dir: dir.to_owned(),
+            file,
+            end: MAGIC.len() as u64,
             max_bytes,
             fsync,
+            compact_slack: COMPACT_SLACK,
             entries: BTreeMap::new(),
             by_id: HashMap::new(),
             bytes: 0,
@@ -134,83 +211,240 @@ impl Spool {
             applied_order: VecDeque::new(),
         };
         let mut corrupt = Vec::new();
-        for item in fs::read_dir(dir)? {
+        let len = spool.file.metadata()?.len();
+        let mut start = vec![0u8; len.min(MAGIC.len() as u64) as usize];
+        spool.file.read_exact_at(&mut start, 0)?;
+        if len < MAGIC.len() as u64 && MAGIC.starts_with(&start) {
+            // New, or created by a crash before its magic was all written.
+            spool.file.write_all_at(MAGIC, 0)?;
+            if fsync {
+                spool.file.sync_all()?;
+            }
+            spool.sync_dir()?;
+        } else {
+            spool.load(&path, &mut corrupt)?;
+        }
+        spool.import_legacy(&mut corrupt)?;
+        if !corrupt.is_empty() {
+            // Rewrite now so that what was reported is not read (and reported) again.
+            spool.compact()?;
+        } else {
+            spool.maybe_compact();
+        }
+        Ok((spool, corrupt))
+    }
+
+    /// Reads the journal back, cutting a torn tail.
+    fn load(&mut self, path: &Path, corrupt: &mut Vec<Dropped>) -> io::Result<()> {
+        let file_len = self.file.metadata()?.len();
+        let mut reader = BufReader::with_capacity(64 << 10, self.file.try_clone()?);
+        let mut magic = [0u8; MAGIC.len()];
+        if file_len < MAGIC.len() as u64
+            || reader.read_exact(&mut magic).is_err()
+            || &magic != MAGIC
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} is not a Cascade spool journal; move it away to start with an empty spool",
+                    path.display()
+                ),
+            ));
+        }
+        let mut at = MAGIC.len() as u64;
+        let mut body = Vec::new();
+        while file_len - at >= RECORD_HEAD {
+            let mut head = [0u8; RECORD_HEAD as usize];
+            reader.read_exact(&mut head)?;
+            let len = u64::from(u32::from_le_bytes(head[..4].try_into().expect("4 bytes")));
+            let crc = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
+            if len < BODY_HEAD as u64 || len > file_len - at - RECORD_HEAD {
+                break;
+            }
+            body.resize(len as usize, 0);
+            reader.read_exact(&mut body)?;
+            if CHECKSUM.checksum(&body) != crc {
+                break;
+            }
+            self.replay_record(at, &body, corrupt);
+            at += RECORD_HEAD + len;
+        }
+        if at < file_len {
+            tracing::warn!(
+                journal = %path.display(),
+                bytes = file_len - at,
+                "spool journal ends in a torn or damaged record (an interrupted write); cutting it off"
+            );
+            self.file.set_len(at)?;
+            if self.fsync {
+                self.file.sync_all()?;
+            }
+        }
+        self.end = at;
+        Ok(())
+    }
+
+    /// Applies one checked record found at `at` to the in-memory state.
+    fn replay_record(&mut self, at: u64, body: &[u8], corrupt: &mut Vec<Dropped>) {
+        let kind = body[0];
+        let id = Uuid::from_bytes(body[1..BODY_HEAD].try_into().expect("16 bytes"));
+        let rest = &body[BODY_HEAD..];
+        match kind {
+            ESCALATION => {
+                let size = RECORD_HEAD + body.len() as u64;
+                match parse_escalation(rest) {
+                    Some((seq, header, payload)) => {
+                        self.next_seq = self.next_seq.max(seq + 1);
+                        self.insert(Entry {
+                            seq,
+                            id,
+                            size,
+                            header,
+                            at,
+                            payload_at: at + RECORD_HEAD + (BODY_HEAD + payload) as u64,
+                        });
+                    }
+                    None => corrupt.push(Dropped {
+                        entry: Entry {
+                            seq: 0,
+                            id,
+                            size,
+                            header: unknown_header(),
+                            at,
+                            payload_at: at + size,
+                        },
+                        reason: DropReason::Corrupt,
+                    }),
+                }
+            }
+            APPLIED => {
+                self.remember_applied(id);
+                self.take_id(id);
+            }
+            FORGOTTEN => {
+                self.take_id(id);
+            }
+            other => tracing::warn!(kind = other, "spool record of an unknown kind skipped"),
+        }
+    }
+
+    /// Imports a spool written by agents that kept one file per escalation (`<seq>-<id>.esc`,
+    /// `applied.log`), then removes those files. Also removes temporary files of interrupted writes.
+    fn import_legacy(&mut self, corrupt: &mut Vec<Dropped>) -> io::Result<()> {
+        let mut escalations = Vec::new();
+        let mut legacy_applied = None;
+        let mut leftovers = Vec::new();
+        for item in fs::read_dir(&self.dir)? {
             let path = item?.path();
             let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
                 continue;
             };
             if name.ends_with(".tmp") {
-                // A write interrupted before its rename: the escalation was never sent.
-                fs::remove_file(&path)?;
-                continue;
+                // An interrupted write or rewrite: never published, or the journal is still whole.
+                leftovers.push(path);
+            } else if name == "applied.log" {
+                legacy_applied = Some(path);
+            } else if let Some((seq, id)) = name
+                .strip_suffix(".esc")
+                .and_then(|stem| stem.split_once('-'))
+                .and_then(|(seq, id)| Some((seq.parse::<u64>().ok()?, id.parse::<Uuid>().ok()?)))
+            {
+                escalations.push((seq, id, path));
             }
-            let Some((seq, id)) = parse_name(name) else {
+        }
+        if escalations.is_empty() && legacy_applied.is_none() && leftovers.is_empty() {
+            return Ok(());
+        }
+        escalations.sort_by_key(|(seq, _, _)| *seq);
+        let mut batch = Vec::new();
+        let mut imported = Vec::new();
+        for (_, id, path) in &escalations {
+            let bytes = fs::read(path)?;
+            // Legacy format: u32 LE header length || header JSON || encoded escalation.
+            let parsed = bytes
+                .get(..4)
+                .map(|l| u32::from_le_bytes(l.try_into().expect("4 bytes")) as usize)
+                .and_then(|len| {
+                    let header = serde_json::from_slice(bytes.get(4..4 + len)?).ok()?;
+                    Some((header, &bytes[4 + len..]))
+                });
+            let Some((header, escalation)) = parsed else {
+                corrupt.push(Dropped {
+                    entry: Entry {
+                        seq: 0,
+                        id: *id,
+                        size: 0,
+                        header: unknown_header(),
+                        at: 0,
+                        payload_at: 0,
+                    },
+                    reason: DropReason::Corrupt,
+                });
                 continue;
             };
-            spool.next_seq = spool.next_seq.max(seq + 1);
-            match read_header(&path) {
-                Ok((header, size)) => {
-                    spool.bytes += size;
-                    spool.by_id.insert(id, seq);
-                    spool.entries.insert(
-                        seq,
-                        Entry {
-                            seq,
-                            id,
-                            size,
-                            header,
-                        },
-                    );
-                }
-                Err(_) => {
-                    let _ = fs::remove_file(&path);
-                    corrupt.push(Dropped {
-                        entry: Entry {
-                            seq,
-                            id,
-                            size: 0,
-                            header: Header {
-                                input: String::new(),
-                                created_ms: 0,
-                                edge_class: 0,
-                                edge_confidence: 0.0,
-                            },
-                        },
-                        reason: DropReason::Corrupt,
-                    });
+            let (record, entry) = encode_escalation(self.next_seq, *id, header, escalation)?;
+            self.next_seq += 1;
+            imported.push(entry.placed_at(self.end + batch.len() as u64));
+            batch.extend_from_slice(&record);
+        }
+        let mut applied_ids = Vec::new();
+        if let Some(path) = &legacy_applied {
+            let text = fs::read_to_string(path)?;
+            for id in text.lines().filter_map(|l| l.trim().parse::<Uuid>().ok()) {
+                if !self.applied.contains(&id) {
+                    put_record(&mut batch, APPLIED, id, &[]);
+                    applied_ids.push(id);
                 }
             }
         }
-        spool.load_applied()?;
-        Ok((spool, corrupt))
+        self.append(&batch)?;
+        for entry in imported {
+            self.insert(entry);
+        }
+        for id in applied_ids {
+            self.remember_applied(id);
+        }
+        for path in escalations
+            .iter()
+            .map(|(_, _, p)| p)
+            .chain(legacy_applied.iter())
+            .chain(leftovers.iter())
+        {
+            fs::remove_file(path)?;
+        }
+        self.sync_dir()
     }
 
-    fn applied_path(&self) -> PathBuf {
-        self.dir.join("applied.log")
-    }
-
-    fn load_applied(&mut self) -> io::Result<()> {
-        let text = match fs::read_to_string(self.applied_path()) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        let ids: Vec<Uuid> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
-        let keep = ids.len().saturating_sub(APPLIED_MEMORY);
-        for id in &ids[keep..] {
-            self.remember_applied(*id);
+    /// Writes `bytes` at the end of the journal and flushes them (with `fsync`). On an error the
+    /// end stays where it was, so the next append overwrites whatever part was written.
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(bytes, self.end)?;
+        if self.fsync {
+            self.file.sync_data()?;
         }
-        if keep > 0 {
-            // Compact: rewrite the log with the ids still remembered.
-            let tmp = self.dir.join("applied.log.tmp");
-            let mut f = File::create(&tmp)?;
-            for id in &self.applied_order {
-                writeln!(f, "{id}")?;
-            }
-            f.sync_all()?;
-            fs::rename(&tmp, self.applied_path())?;
-        }
+        self.end += bytes.len() as u64;
         Ok(())
+    }
+
+    fn insert(&mut self, entry: Entry) {
+        if let Some(old) = self.by_id.insert(entry.id, entry.seq) {
+            // The same escalation stored twice (an imported duplicate): keep the later copy.
+            self.take(old);
+        }
+        self.bytes += entry.size;
+        self.entries.insert(entry.seq, entry);
+    }
+
+    fn take(&mut self, seq: u64) -> Option<Entry> {
+        let entry = self.entries.remove(&seq)?;
+        self.by_id.remove(&entry.id);
+        self.bytes -= entry.size;
+        Some(entry)
+    }
+
+    fn take_id(&mut self, id: Uuid) -> Option<Entry> {
+        let seq = self.by_id.get(&id).copied()?;
+        self.take(seq)
     }
 
     fn remember_applied(&mut self, id: Uuid) {
@@ -231,8 +465,65 @@ impl Spool {
         Ok(())
     }
 
-    fn path(&self, entry: &Entry) -> PathBuf {
-        self.dir.join(file_name(entry.seq, entry.id))
+    /// Journal bytes that a rewrite would drop.
+    fn dead_bytes(&self) -> u64 {
+        self.end.saturating_sub(
+            MAGIC.len() as u64 + self.bytes + self.applied_order.len() as u64 * MARK_LEN,
+        )
+    }
+
+    fn maybe_compact(&mut self) {
+        if self.dead_bytes() > self.compact_slack
+            && let Err(e) = self.compact()
+        {
+            // The journal is still whole, only longer than it needs to be; the next change retries.
+            tracing::warn!(error = %e, dir = %self.dir.display(), "cannot rewrite the spool journal");
+        }
+    }
+
+    /// Rewrites the journal with only the waiting escalations and the remembered applied ids:
+    /// written beside it, flushed, then renamed over it, so a crash leaves one whole journal.
+    fn compact(&mut self) -> io::Result<()> {
+        let tmp = self.dir.join("journal.tmp");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        let mut out = BufWriter::with_capacity(64 << 10, &file);
+        out.write_all(MAGIC)?;
+        let mut at = MAGIC.len() as u64;
+        let mut moved = Vec::with_capacity(self.entries.len());
+        let mut record = Vec::new();
+        for entry in self.entries.values() {
+            record.resize(entry.size as usize, 0);
+            self.file.read_exact_at(&mut record, entry.at)?;
+            out.write_all(&record)?;
+            moved.push((entry.seq, at));
+            at += entry.size;
+        }
+        record.clear();
+        for id in &self.applied_order {
+            put_record(&mut record, APPLIED, *id, &[]);
+        }
+        out.write_all(&record)?;
+        at += record.len() as u64;
+        out.flush()?;
+        drop(out);
+        if self.fsync {
+            file.sync_all()?;
+        }
+        fs::rename(&tmp, self.dir.join(JOURNAL))?;
+        self.sync_dir()?;
+        self.file = file;
+        self.end = at;
+        for (seq, new_at) in moved {
+            let entry = self.entries.get_mut(&seq).expect("moved entries exist");
+            entry.payload_at = entry.payload_at - entry.at + new_at;
+            entry.at = new_at;
+        }
+        Ok(())
     }
 
     /// Stores an escalation durably before it is sent. Returns the entries dropped to make room.
@@ -242,58 +533,34 @@ impl Spool {
         header: Header,
         escalation: &[u8],
     ) -> io::Result<Vec<Dropped>> {
-        let header_json = serde_json::to_vec(&header).map_err(io::Error::other)?;
-        let mut bytes = Vec::with_capacity(4 + header_json.len() + escalation.len());
-        bytes.extend_from_slice(&(header_json.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(&header_json);
-        bytes.extend_from_slice(escalation);
-        let size = bytes.len() as u64;
-        let mut dropped = Vec::new();
-        while self.bytes + size > self.max_bytes {
-            let Some((&oldest, _)) = self.entries.iter().next() else {
+        let (record, entry) = encode_escalation(self.next_seq, id, header, escalation)?;
+        // Records of the oldest entries leaving, then the new one: one write, one flush.
+        let mut batch = Vec::new();
+        let mut leaving = Vec::new();
+        let mut room = self.max_bytes.saturating_sub(self.bytes);
+        for old in self.entries.values() {
+            if room >= entry.size {
                 break;
-            };
-            if let Some(entry) = self.remove(oldest)? {
-                dropped.push(Dropped {
-                    entry,
-                    reason: DropReason::Full,
-                });
             }
+            put_record(&mut batch, FORGOTTEN, old.id, &[]);
+            leaving.push(old.seq);
+            room += old.size;
         }
-        let seq = self.next_seq;
+        let entry = entry.placed_at(self.end + batch.len() as u64);
+        batch.extend_from_slice(&record);
+        self.append(&batch)?;
         self.next_seq += 1;
-        let entry = Entry {
-            seq,
-            id,
-            size,
-            header,
-        };
-        let path = self.path(&entry);
-        let tmp = path.with_extension("tmp");
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        f.write_all(&bytes)?;
-        if self.fsync {
-            f.sync_all()?;
-        }
-        fs::rename(&tmp, &path)?;
-        self.sync_dir()?;
-        self.bytes += size;
-        self.by_id.insert(id, seq);
-        self.entries.insert(seq, entry);
+        let dropped = leaving
+            .into_iter()
+            .filter_map(|seq| self.take(seq))
+            .map(|entry| Dropped {
+                entry,
+                reason: DropReason::Full,
+            })
+            .collect();
+        self.insert(entry);
+        self.maybe_compact();
         Ok(dropped)
-    }
-
-    fn remove(&mut self, seq: u64) -> io::Result<Option<Entry>> {
-        let Some(entry) = self.entries.remove(&seq) else {
-            return Ok(None);
-        };
-        self.by_id.remove(&entry.id);
-        self.bytes -= entry.size;
-        match fs::remove_file(self.path(&entry)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        Ok(Some(entry))
     }
 
     /// Whether escalation `id`'s verdict was already applied.
@@ -308,29 +575,26 @@ impl Spool {
 
     /// Records that `id`'s verdict is applied (durably, first) and forgets the escalation.
     pub fn complete(&mut self, id: Uuid) -> io::Result<Option<Entry>> {
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.applied_path())?;
-        writeln!(log, "{id}")?;
-        if self.fsync {
-            log.sync_all()?;
-        }
+        let mut record = Vec::with_capacity(MARK_LEN as usize);
+        put_record(&mut record, APPLIED, id, &[]);
+        self.append(&record)?;
         self.remember_applied(id);
-        match self.by_id.get(&id).copied() {
-            Some(seq) => self.remove(seq),
-            None => Ok(None),
-        }
+        let entry = self.take_id(id);
+        self.maybe_compact();
+        Ok(entry)
+    }
+
+    fn read_payload(&self, entry: &Entry) -> io::Result<Vec<u8>> {
+        let mut bytes = vec![0; entry.payload_len()];
+        self.file.read_exact_at(&mut bytes, entry.payload_at)?;
+        Ok(bytes)
     }
 
     /// The encoded escalation `id`, if it still awaits its verdict.
     pub fn read(&self, id: &Uuid) -> io::Result<Option<Vec<u8>>> {
-        let Some(entry) = self.get(id) else {
-            return Ok(None);
-        };
-        let bytes = fs::read(self.path(entry))?;
-        let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
-        Ok(Some(bytes[4 + len..].to_vec()))
+        self.get(id)
+            .map(|entry| self.read_payload(entry))
+            .transpose()
     }
 
     /// Ids awaiting their verdict, oldest first.
@@ -340,32 +604,37 @@ impl Spool {
 
     /// Escalations awaiting their verdict, oldest first, with their encoded bytes (for replay).
     pub fn outstanding(&self) -> io::Result<Vec<(Uuid, Vec<u8>)>> {
-        let mut out = Vec::new();
-        for entry in self.entries.values() {
-            let bytes = fs::read(self.path(entry))?;
-            let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
-            out.push((entry.id, bytes[4 + len..].to_vec()));
-        }
-        Ok(out)
+        self.entries
+            .values()
+            .map(|entry| Ok((entry.id, self.read_payload(entry)?)))
+            .collect()
     }
 
     /// Drops escalations created before `created_before_ms` that never got a verdict.
     pub fn expire(&mut self, created_before_ms: u64) -> io::Result<Vec<Dropped>> {
-        let old: Vec<u64> = self
-            .entries
-            .values()
-            .filter(|e| e.header.created_ms < created_before_ms)
-            .map(|e| e.seq)
-            .collect();
-        let mut dropped = Vec::new();
-        for seq in old {
-            if let Some(entry) = self.remove(seq)? {
-                dropped.push(Dropped {
-                    entry,
-                    reason: DropReason::Expired,
-                });
+        let mut batch = Vec::new();
+        let mut old = Vec::new();
+        for entry in self.entries.values() {
+            if entry.header.created_ms < created_before_ms {
+                put_record(&mut batch, FORGOTTEN, entry.id, &[]);
+                old.push(entry.seq);
             }
         }
+        if old.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Not flushed on its own: if lost, the entries come back and expire again.
+        self.file.write_all_at(&batch, self.end)?;
+        self.end += batch.len() as u64;
+        let dropped = old
+            .into_iter()
+            .filter_map(|seq| self.take(seq))
+            .map(|entry| Dropped {
+                entry,
+                reason: DropReason::Expired,
+            })
+            .collect();
+        self.maybe_compact();
         Ok(dropped)
     }
 
@@ -385,6 +654,39 @@ impl Spool {
     }
 }
 
+/// Encodes an escalation record; the entry's offsets are relative to the record's start.
+fn encode_escalation(
+    seq: u64,
+    id: Uuid,
+    header: Header,
+    escalation: &[u8],
+) -> io::Result<(Vec<u8>, Entry)> {
+    let header_json = serde_json::to_vec(&header).map_err(io::Error::other)?;
+    let mut record = Vec::with_capacity(
+        RECORD_HEAD as usize + BODY_HEAD + 12 + header_json.len() + escalation.len(),
+    );
+    let parts_at = put_record(
+        &mut record,
+        ESCALATION,
+        id,
+        &[
+            &seq.to_le_bytes(),
+            &(header_json.len() as u32).to_le_bytes(),
+            &header_json,
+            escalation,
+        ],
+    );
+    let entry = Entry {
+        seq,
+        id,
+        size: record.len() as u64,
+        header,
+        at: 0,
+        payload_at: (parts_at + 12 + header_json.len()) as u64,
+    };
+    Ok((record, entry))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -402,6 +704,10 @@ mod tests {
         Uuid::from_u128(n)
     }
 
+    fn journal_len(dir: &Path) -> u64 {
+        fs::metadata(dir.join(JOURNAL)).unwrap().len()
+    }
+
     #[test]
     fn survives_a_restart_in_every_state() {
         let dir = tempfile::tempdir().unwrap();
@@ -412,7 +718,7 @@ mod tests {
             s.push(id(3), header("c", 3), b"three").unwrap();
             s.complete(id(3)).unwrap();
         }
-        let (s, corrupt) = Spool::open(dir.path(), 1 << 20, true).unwrap();
+        let (mut s, corrupt) = Spool::open(dir.path(), 1 << 20, true).unwrap();
         assert!(corrupt.is_empty());
         let outstanding = s.outstanding().unwrap();
         assert_eq!(
@@ -423,6 +729,10 @@ mod tests {
         assert_eq!(s.get(&id(2)).unwrap().header.input, "b");
         assert!(s.is_applied(&id(3)) && s.get(&id(3)).is_none());
         assert_eq!(s.len(), 2);
+        // New escalations after a restart come after the old ones.
+        s.push(id(4), header("d", 4), b"four").unwrap();
+        assert_eq!(s.ids(), vec![id(1), id(2), id(4)]);
+        assert_eq!(s.read(&id(4)).unwrap().unwrap(), b"four");
     }
 
     #[test]
@@ -438,28 +748,112 @@ mod tests {
         assert_eq!(dropped[0].entry.id, id(0), "oldest first");
         assert!(dropped.iter().all(|d| d.reason == DropReason::Full));
         assert!(s.get(&id(4)).is_some(), "the newest is kept");
+        let kept = s.ids();
+        drop(s);
+        let (s, _) = Spool::open(dir.path(), 300, false).unwrap();
+        assert_eq!(
+            s.ids(),
+            kept,
+            "what was dropped stays dropped after a restart"
+        );
     }
 
     #[test]
-    fn interrupted_writes_and_garbage_are_cleaned_up() {
+    fn a_torn_last_record_is_cut_off_and_the_rest_kept() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(
-            dir.path()
-                .join("00000000000000000007-00000000-0000-0000-0000-000000000009.tmp"),
-            b"half",
-        )
-        .unwrap();
-        fs::write(
-            dir.path()
-                .join("00000000000000000008-00000000-0000-0000-0000-000000000008.esc"),
-            b"\xff\xff",
-        )
-        .unwrap();
-        let (s, corrupt) = Spool::open(dir.path(), 1 << 20, true).unwrap();
-        assert!(s.is_empty());
+        {
+            let (mut s, _) = Spool::open(dir.path(), 1 << 20, true).unwrap();
+            s.push(id(1), header("a", 1), b"one").unwrap();
+            s.push(id(2), header("b", 2), b"two").unwrap();
+        }
+        let whole = journal_len(dir.path());
+        // Power lost while the third escalation was being appended: half its record is there.
+        {
+            let (mut s, _) = Spool::open(dir.path(), 1 << 20, true).unwrap();
+            s.push(id(3), header("c", 3), b"three").unwrap();
+        }
+        let with_third = journal_len(dir.path());
+        let f = OpenOptions::new()
+            .write(true)
+            .open(dir.path().join(JOURNAL))
+            .unwrap();
+        f.set_len(whole + (with_third - whole) / 2).unwrap();
+        drop(f);
+        let (mut s, corrupt) = Spool::open(dir.path(), 1 << 20, true).unwrap();
+        assert!(corrupt.is_empty(), "a torn append was never published");
+        assert_eq!(s.ids(), vec![id(1), id(2)]);
+        assert_eq!(journal_len(dir.path()), whole, "the torn record is cut off");
+        // Appending goes on from the cut.
+        s.push(id(4), header("d", 4), b"four").unwrap();
+        drop(s);
+        let (s, _) = Spool::open(dir.path(), 1 << 20, true).unwrap();
+        assert_eq!(s.ids(), vec![id(1), id(2), id(4)]);
+        assert_eq!(s.read(&id(4)).unwrap().unwrap(), b"four");
+    }
+
+    #[test]
+    fn damaged_records_are_reported_once_and_leftovers_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut s, _) = Spool::open(dir.path(), 1 << 20, false).unwrap();
+            s.push(id(1), header("a", 1), b"one").unwrap();
+        }
+        // A record whose checksum holds but whose header is not JSON (written by a buggy
+        // version), then a flipped bit in the last record's payload.
+        let mut tail = Vec::new();
+        put_record(
+            &mut tail,
+            ESCALATION,
+            id(2),
+            &[&9u64.to_le_bytes(), &3u32.to_le_bytes(), b"{{{", b"x"],
+        );
+        let mut third = Vec::new();
+        put_record(&mut third, APPLIED, id(7), &[]);
+        let last = third.len() - 1;
+        third[last] ^= 1;
+        tail.extend_from_slice(&third);
+        let f = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(JOURNAL))
+            .unwrap();
+        (&f).write_all(&tail).unwrap();
+        fs::write(dir.path().join("journal.tmp"), b"half a rewrite").unwrap();
+        let (s, corrupt) = Spool::open(dir.path(), 1 << 20, false).unwrap();
         assert_eq!(corrupt.len(), 1);
+        assert_eq!(corrupt[0].entry.id, id(2));
         assert_eq!(corrupt[0].reason, DropReason::Corrupt);
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0, "both removed");
+        assert_eq!(s.ids(), vec![id(1)]);
+        assert!(
+            !s.is_applied(&id(7)),
+            "a record failing its checksum is not believed"
+        );
+        assert!(!dir.path().join("journal.tmp").exists());
+        drop(s);
+        let (s, corrupt) = Spool::open(dir.path(), 1 << 20, false).unwrap();
+        assert!(corrupt.is_empty(), "reported once");
+        assert_eq!(s.ids(), vec![id(1)]);
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_journal_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(JOURNAL), b"something else entirely").unwrap();
+        let e = Spool::open(dir.path(), 1 << 20, false).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("not a Cascade spool journal"), "{e}");
+        assert_eq!(
+            fs::read(dir.path().join(JOURNAL)).unwrap(),
+            b"something else entirely",
+            "left untouched"
+        );
+        // But the start of the magic alone is a journal whose creation was interrupted.
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(JOURNAL), &MAGIC[..7]).unwrap();
+        let (mut s, _) = Spool::open(dir.path(), 1 << 20, false).unwrap();
+        s.push(id(1), header("a", 1), b"one").unwrap();
+        drop(s);
+        let (s, _) = Spool::open(dir.path(), 1 << 20, false).unwrap();
+        assert_eq!(s.ids(), vec![id(1)]);
     }
 
     #[test]
@@ -473,22 +867,83 @@ mod tests {
         assert_eq!(dropped[0].entry.id, id(1));
         assert_eq!(dropped[0].reason, DropReason::Expired);
         assert!(s.get(&id(2)).is_some());
+        drop(s);
+        let (s, _) = Spool::open(dir.path(), 1 << 20, false).unwrap();
+        assert_eq!(s.ids(), vec![id(2)]);
     }
 
     #[test]
-    fn the_applied_log_is_compacted() {
+    fn the_journal_is_rewritten_once_answered_records_pile_up() {
         let dir = tempfile::tempdir().unwrap();
-        let lines: String = (0..(APPLIED_MEMORY as u128 + 50))
-            .map(|n| format!("{}\n", id(n)))
-            .collect();
-        fs::write(dir.path().join("applied.log"), lines).unwrap();
+        let (mut s, _) = Spool::open(dir.path(), 1 << 20, false).unwrap();
+        s.compact_slack = 64 << 10;
+        s.push(id(u128::MAX), header("waits", 0), b"still waiting")
+            .unwrap();
+        let total = APPLIED_MEMORY as u128 + 50;
+        for n in 0..total {
+            s.push(id(n), header("x", 1), &[7u8; 100]).unwrap();
+            s.complete(id(n)).unwrap();
+        }
+        let bound = MAGIC.len() as u64 + APPLIED_MEMORY as u64 * MARK_LEN + (64 << 10) + 1024;
+        assert!(
+            journal_len(dir.path()) <= bound,
+            "{} > {bound}",
+            journal_len(dir.path())
+        );
+        assert_eq!(s.read(&id(u128::MAX)).unwrap().unwrap(), b"still waiting");
+        drop(s);
         let (s, _) = Spool::open(dir.path(), 1 << 20, false).unwrap();
-        assert!(!s.is_applied(&id(0)), "the oldest are forgotten");
-        assert!(s.is_applied(&id(APPLIED_MEMORY as u128 + 49)));
-        let kept = fs::read_to_string(dir.path().join("applied.log"))
+        assert_eq!(s.ids(), vec![id(u128::MAX)], "compaction kept what waits");
+        assert_eq!(s.read(&id(u128::MAX)).unwrap().unwrap(), b"still waiting");
+        assert!(
+            !s.is_applied(&id(0)),
+            "the oldest applied ids are forgotten"
+        );
+        assert!(s.is_applied(&id(total - 1)));
+        assert!(s.is_applied(&id(total - APPLIED_MEMORY as u128)));
+    }
+
+    #[test]
+    fn a_spool_of_one_file_per_escalation_is_imported() {
+        let dir = tempfile::tempdir().unwrap();
+        let legacy = |seq: u64, n: u128, input: &str, payload: &[u8]| {
+            let json = serde_json::to_vec(&header(input, seq)).unwrap();
+            let mut bytes = (json.len() as u32).to_le_bytes().to_vec();
+            bytes.extend_from_slice(&json);
+            bytes.extend_from_slice(payload);
+            fs::write(dir.path().join(format!("{seq:020}-{}.esc", id(n))), bytes).unwrap();
+        };
+        legacy(12, 2, "second", b"two");
+        legacy(11, 1, "first", b"one");
+        fs::write(
+            dir.path().join(format!("{:020}-{}.esc", 13, id(3))),
+            b"\xff\xff",
+        )
+        .unwrap();
+        fs::write(
+            dir.path().join(format!("{:020}-{}.tmp", 14, id(4))),
+            b"half",
+        )
+        .unwrap();
+        fs::write(dir.path().join("applied.log"), format!("{}\n", id(9))).unwrap();
+        let (s, corrupt) = Spool::open(dir.path(), 1 << 20, true).unwrap();
+        assert_eq!(corrupt.len(), 1);
+        assert_eq!(corrupt[0].entry.id, id(3));
+        assert_eq!(
+            s.outstanding().unwrap(),
+            vec![(id(1), b"one".to_vec()), (id(2), b"two".to_vec())]
+        );
+        assert_eq!(s.get(&id(1)).unwrap().header.input, "first");
+        assert!(s.is_applied(&id(9)));
+        let names: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
-            .lines()
-            .count();
-        assert_eq!(kept, APPLIED_MEMORY);
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, vec![JOURNAL.to_string()], "the old files are gone");
+        drop(s);
+        let (s, corrupt) = Spool::open(dir.path(), 1 << 20, true).unwrap();
+        assert!(corrupt.is_empty());
+        assert_eq!(s.ids(), vec![id(1), id(2)]);
+        assert!(s.is_applied(&id(9)));
     }
 }
