@@ -374,6 +374,12 @@ pub async fn start(
         held: VecDeque::new(),
     };
     tracker.spawn(decider.run(inferred_rx, policy_rx, shutdown.clone()));
+    if config.release_startup_code_s > 0 {
+        tracker.spawn(release_startup_code(
+            Duration::from_secs(config.release_startup_code_s),
+            shutdown.clone(),
+        ));
+    }
     tracker.spawn(fan_out(
         result_rx,
         cloud_rx,
@@ -860,6 +866,24 @@ async fn telemetry(
                 return;
             }
         }
+    }
+}
+
+/// Gives the code pages only start-up used back to the kernel once start-up is over
+/// ([`crate::memory`]).
+async fn release_startup_code(after: Duration, shutdown: CancellationToken) {
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        _ = tokio::time::sleep(after) => {}
+    }
+    match tokio::task::spawn_blocking(crate::memory::release_startup_code).await {
+        Ok(Ok(r)) => tracing::info!(
+            rss_before_kib = r.rss_before_kib,
+            rss_after_kib = r.rss_after_kib,
+            "code pages only start-up used given back"
+        ),
+        Ok(Err(e)) => tracing::info!(error = %e, "start-up code pages kept: the kernel refused"),
+        Err(e) => tracing::warn!(error = %e, "giving back start-up code pages failed"),
     }
 }
 

@@ -77,6 +77,17 @@ pub struct AgentConfig {
     /// Over-the-air model updates (docs/ota.md).
     #[serde(default)]
     pub ota: crate::ota::OtaConfig,
+    /// Seconds after start when the code pages only start-up used are given back to the kernel
+    /// ([`crate::memory`]); 0 keeps them.
+    #[serde(default = "default_release_startup_code_s")]
+    pub release_startup_code_s: u64,
+}
+
+/// Upper bound of `release_startup_code_s`: start-up is long over by then.
+pub const MAX_RELEASE_STARTUP_CODE_S: u64 = 3600;
+
+fn default_release_startup_code_s() -> u64 {
+    10
 }
 
 fn default_fleet() -> String {
@@ -415,6 +426,12 @@ impl AgentConfig {
                 self.model.spin_us
             ));
         }
+        if self.release_startup_code_s > MAX_RELEASE_STARTUP_CODE_S {
+            return invalid(format!(
+                "release_startup_code_s = {} is over {MAX_RELEASE_STARTUP_CODE_S}: start-up is long over by then (0 turns it off)",
+                self.release_startup_code_s
+            ));
+        }
         let policy = self.initial_policy()?;
         policy.validate().or_else(|e| invalid(e.to_string()))?;
         if policy.privacy == PrivacyMode::Redacted && self.redaction.key.len() < 16 {
@@ -569,6 +586,7 @@ path = "models/digits-edge.int8.tflite"
         let c: AgentConfig = toml::from_str(MINIMAL).unwrap();
         c.validate().unwrap();
         assert_eq!(c.fleet, "default");
+        assert_eq!(c.release_startup_code_s, 10);
         assert_eq!(c.mqtt.url, "mqtt://127.0.0.1:1883");
         let p = c.initial_policy().unwrap();
         assert_eq!(p.threshold, 0.6);
@@ -579,6 +597,10 @@ path = "models/digits-edge.int8.tflite"
     fn invalid_values_are_named() {
         let cases = [
             ("device = \"cam 01\"", "device"),
+            (
+                "device = \"cam-01\"\nrelease_startup_code_s = 86400",
+                "release_startup_code_s",
+            ),
             ("[policy]\nthreshold = 1.5", "policy.threshold"),
             ("[policy]\nmetric = \"vibes\"", "policy.metric"),
             ("[policy]\nprivacy = \"redacted\"", "redaction.key"),

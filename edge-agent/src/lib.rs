@@ -24,6 +24,7 @@
 //!   switch.
 //! - [`stats`]: counters and telemetry windows.
 //! - [`sensor`]: decodes the firmware → agent frame stream into readings and model-input windows.
+//! - [`memory`]: gives back the code pages only start-up used, once the agent is running.
 //!
 //! The tools:
 //! - [`infer_files`]: `edge-agent infer`, one inference on `.npy` (or image) files.
@@ -42,6 +43,7 @@ pub mod infer_files;
 pub mod input;
 pub mod install;
 pub mod link;
+pub mod memory;
 pub mod mqtt;
 pub mod ota;
 pub mod policy;
