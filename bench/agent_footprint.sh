@@ -83,6 +83,14 @@ for _ in $(seq 100); do
   sleep 0.2
 done
 echo "inputs classified                 $(grep -c '"stage":"edge"' "$dir/results.jsonl")"
+# What giving back the start-up pages costs: the first inputs after it fault the inference code
+# back in. The model's own time per input, as the agent recorded it, first five against the rest.
+python3 - "$dir/results.jsonl" <<'PY'
+import json, statistics, sys
+times = [e["latency_us"] for e in map(json.loads, open(sys.argv[1])) if e.get("stage") == "edge"]
+print("model time of the first 5 inputs  " + ", ".join(f"{t} us" for t in times[:5])
+      + f"; median of the rest {statistics.median(times[5:]):.0f} us")
+PY
 echo "RSS after the held-out set        $(rss VmRSS)   (goal <= 10 MB)"
 echo "peak RSS                          $(rss VmHWM)"
 # What the resident pages are: the process's own memory (heap, stacks), and clean pages of the
