@@ -319,6 +319,11 @@ enum PerfCommand {
         /// Do not flush the agent's spool to disk per escalation (devices flush by default).
         #[arg(long)]
         no_fsync: bool,
+        /// Directory for the escalator's hard-example store (default: beside the agent's spool).
+        /// Deployed, the escalator runs on another machine than the agent; a directory on another
+        /// filesystem (e.g. /dev/shm) keeps its writes out of the agent's disk flushes, as there.
+        #[arg(long)]
+        escalator_store: Option<PathBuf>,
     },
     /// Open-loop load from simulated devices at increasing rates; stops after the first rate that
     /// misses the latency objective.
@@ -717,6 +722,7 @@ async fn perf(command: PerfCommand) -> anyhow::Result<()> {
             warmup,
             model,
             no_fsync,
+            escalator_store,
         } => {
             let options = perf::RoundTripOptions {
                 broker,
@@ -724,6 +730,7 @@ async fn perf(command: PerfCommand) -> anyhow::Result<()> {
                 warmup,
                 model,
                 fsync: !no_fsync,
+                escalator_store,
             };
             let r = perf::round_trip(options, &mut log).await?;
             writeln!(

@@ -122,6 +122,8 @@ pub struct RoundTripOptions {
     pub model: PathBuf,
     /// Flush the agent's spool to disk on every escalation (the default for devices).
     pub fsync: bool,
+    /// Directory for the escalator's store; beside the agent's state when absent.
+    pub escalator_store: Option<PathBuf>,
 }
 
 /// `perf round-trip`: what it measured.
@@ -152,8 +154,13 @@ pub async fn round_trip(
         tail_model: None,
         threads: 1,
     };
+    // A directory of our own inside the one given, so that runs never share a store.
+    let store_dir = match &options.escalator_store {
+        Some(dir) => tempfile::tempdir_in(dir)?,
+        None => tempfile::tempdir_in(state.path())?,
+    };
     let escalator = cloud_escalator::service::start(
-        escalator_config(&url, route, 32, state.path().join("examples.db"))?,
+        escalator_config(&url, route, 32, store_dir.path().join("examples.db"))?,
         shutdown.child_token(),
     )
     .await?;

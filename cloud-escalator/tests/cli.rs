@@ -76,3 +76,50 @@ fn unknown_example_kind_is_a_usage_error() {
             .contains("escalation_request")
     );
 }
+
+#[test]
+fn perf_round_trip_measures_with_the_store_where_it_is_told() {
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/testdata/noop.onnx");
+    let store = tempfile::tempdir().unwrap();
+    let args = |store: &str| {
+        [
+            "perf",
+            "round-trip",
+            "--n",
+            "20",
+            "--warmup",
+            "2",
+            "--model",
+            model,
+            "--escalator-store",
+        ]
+        .into_iter()
+        .map(String::from)
+        .chain([store.to_string()])
+        .collect::<Vec<_>>()
+    };
+    let run = |store: &str| {
+        let args = args(store);
+        escalator(&args.iter().map(String::as_str).collect::<Vec<_>>(), b"")
+    };
+    let out = run(store.path().to_str().unwrap());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["latency"]["p50_us"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    assert_eq!(
+        std::fs::read_dir(store.path()).unwrap().count(),
+        0,
+        "its store is removed after the run"
+    );
+    // The option is used: a store directory that does not exist fails the run.
+    let missing = store.path().join("missing");
+    let out = run(missing.to_str().unwrap());
+    assert!(!out.status.success());
+}
