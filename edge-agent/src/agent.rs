@@ -882,7 +882,7 @@ async fn release_startup_code(after: Duration, shutdown: CancellationToken) {
             rss_after_kib = r.rss_after_kib,
             "code pages only start-up used given back"
         ),
-        Ok(Err(e)) => tracing::info!(error = %e, "start-up code pages kept: the kernel refused"),
+        Ok(Err(e)) => tracing::info!(error = %e, "start-up code pages not (all) given back"),
         Err(e) => tracing::warn!(error = %e, "giving back start-up code pages failed"),
     }
 }

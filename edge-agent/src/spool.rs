@@ -139,6 +139,8 @@ pub struct Spool {
     max_bytes: u64,
     fsync: bool,
     compact_slack: u64,
+    /// Added to the slack after a failed rewrite, so the next try waits for more changes.
+    compact_backoff: u64,
     entries: BTreeMap<u64, Entry>,
     by_id: HashMap<Uuid, u64>,
     bytes: u64,
@@ -203,6 +205,7 @@ impl Spool {
             max_bytes,
             fsync,
             compact_slack: COMPACT_SLACK,
+            compact_backoff: 0,
             entries: BTreeMap::new(),
             by_id: HashMap::new(),
             bytes: 0,
@@ -237,6 +240,7 @@ impl Spool {
     /// Reads the journal back, cutting a torn tail.
     fn load(&mut self, path: &Path, corrupt: &mut Vec<Dropped>) -> io::Result<()> {
         let file_len = self.file.metadata()?.len();
+        // A clone shares the file position, still 0 here: all other I/O is positional.
         let mut reader = BufReader::with_capacity(64 << 10, self.file.try_clone()?);
         let mut magic = [0u8; MAGIC.len()];
         if file_len < MAGIC.len() as u64
@@ -402,7 +406,9 @@ impl Spool {
             self.insert(entry);
         }
         for id in applied_ids {
+            // As when the journal is read back: an applied id's escalation has left.
             self.remember_applied(id);
+            self.take_id(id);
         }
         for path in escalations
             .iter()
@@ -415,22 +421,37 @@ impl Spool {
         self.sync_dir()
     }
 
-    /// Writes `bytes` at the end of the journal and flushes them (with `fsync`). On an error the
-    /// end stays where it was, so the next append overwrites whatever part was written.
+    /// Writes `bytes` at the end of the journal and flushes them (with `fsync`).
     fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.file.write_all_at(bytes, self.end)?;
-        if self.fsync {
-            self.file.sync_data()?;
+        self.write_at_end(bytes, self.fsync)
+    }
+
+    /// Writes `bytes` at the end of the journal, flushed if `flush`. On an error the journal is
+    /// cut back to where it was: whole records written before the failure must not be read back
+    /// at the next start as if the change had happened.
+    fn write_at_end(&mut self, bytes: &[u8], flush: bool) -> io::Result<()> {
+        let written = self
+            .file
+            .write_all_at(bytes, self.end)
+            .and_then(|()| if flush { self.file.sync_data() } else { Ok(()) });
+        if let Err(e) = written {
+            if let Err(cut) = self
+                .file
+                .set_len(self.end)
+                .and_then(|()| self.file.sync_data())
+            {
+                tracing::error!(error = %cut, dir = %self.dir.display(), "cannot cut a failed write off the spool journal");
+            }
+            return Err(e);
         }
         self.end += bytes.len() as u64;
         Ok(())
     }
 
     fn insert(&mut self, entry: Entry) {
-        if let Some(old) = self.by_id.insert(entry.id, entry.seq) {
-            // The same escalation stored twice (an imported duplicate): keep the later copy.
-            self.take(old);
-        }
+        // The same escalation stored twice (an import repeated after a crash): keep the later copy.
+        self.take_id(entry.id);
+        self.by_id.insert(entry.id, entry.seq);
         self.bytes += entry.size;
         self.entries.insert(entry.seq, entry);
     }
@@ -473,11 +494,19 @@ impl Spool {
     }
 
     fn maybe_compact(&mut self) {
-        if self.dead_bytes() > self.compact_slack
-            && let Err(e) = self.compact()
-        {
-            // The journal is still whole, only longer than it needs to be; the next change retries.
-            tracing::warn!(error = %e, dir = %self.dir.display(), "cannot rewrite the spool journal");
+        let dead = self.dead_bytes();
+        if dead <= self.compact_slack + self.compact_backoff {
+            return;
+        }
+        match self.compact() {
+            Ok(()) => self.compact_backoff = 0,
+            Err(e) => {
+                // The journal is still whole, only longer than it needs to be. Retry after another
+                // slack's worth of changes, not on every one (a full disk would stay full).
+                self.compact_backoff = dead;
+                let _ = fs::remove_file(self.dir.join("journal.tmp"));
+                tracing::warn!(error = %e, dir = %self.dir.display(), "cannot rewrite the spool journal");
+            }
         }
     }
 
@@ -515,7 +544,7 @@ impl Spool {
             file.sync_all()?;
         }
         fs::rename(&tmp, self.dir.join(JOURNAL))?;
-        self.sync_dir()?;
+        // From here on the new file is the journal, whatever the directory flush says.
         self.file = file;
         self.end = at;
         for (seq, new_at) in moved {
@@ -523,7 +552,7 @@ impl Spool {
             entry.payload_at = entry.payload_at - entry.at + new_at;
             entry.at = new_at;
         }
-        Ok(())
+        self.sync_dir()
     }
 
     /// Stores an escalation durably before it is sent. Returns the entries dropped to make room.
@@ -624,8 +653,7 @@ impl Spool {
             return Ok(Vec::new());
         }
         // Not flushed on its own: if lost, the entries come back and expire again.
-        self.file.write_all_at(&batch, self.end)?;
-        self.end += batch.len() as u64;
+        self.write_at_end(&batch, false)?;
         let dropped = old
             .into_iter()
             .filter_map(|seq| self.take(seq))
@@ -925,7 +953,13 @@ mod tests {
             b"half",
         )
         .unwrap();
-        fs::write(dir.path().join("applied.log"), format!("{}\n", id(9))).unwrap();
+        // Answered before the upgrade, its file not yet removed: it must not wait again.
+        legacy(15, 5, "answered", b"five");
+        fs::write(
+            dir.path().join("applied.log"),
+            format!("{}\n{}\n", id(9), id(5)),
+        )
+        .unwrap();
         let (s, corrupt) = Spool::open(dir.path(), 1 << 20, true).unwrap();
         assert_eq!(corrupt.len(), 1);
         assert_eq!(corrupt[0].entry.id, id(3));
@@ -935,6 +969,7 @@ mod tests {
         );
         assert_eq!(s.get(&id(1)).unwrap().header.input, "first");
         assert!(s.is_applied(&id(9)));
+        assert!(s.is_applied(&id(5)) && s.get(&id(5)).is_none());
         let names: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -944,6 +979,26 @@ mod tests {
         let (s, corrupt) = Spool::open(dir.path(), 1 << 20, true).unwrap();
         assert!(corrupt.is_empty());
         assert_eq!(s.ids(), vec![id(1), id(2)]);
-        assert!(s.is_applied(&id(9)));
+        assert!(s.is_applied(&id(9)) && s.is_applied(&id(5)));
+    }
+
+    #[test]
+    fn an_escalation_stored_twice_is_found_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = Spool::open(dir.path(), 1 << 20, false).unwrap();
+        s.push(id(1), header("a", 1), b"first copy").unwrap();
+        s.push(id(1), header("a", 1), b"second copy").unwrap();
+        let check = |s: &Spool| {
+            assert_eq!(s.ids(), vec![id(1)]);
+            assert_eq!(s.read(&id(1)).unwrap().unwrap(), b"second copy");
+            assert_eq!(s.len(), 1);
+            assert_eq!(s.bytes(), s.get(&id(1)).unwrap().size);
+        };
+        check(&s);
+        drop(s);
+        let (mut s, _) = Spool::open(dir.path(), 1 << 20, false).unwrap();
+        check(&s);
+        assert!(s.complete(id(1)).unwrap().is_some());
+        assert!(s.is_empty());
     }
 }
