@@ -149,14 +149,7 @@ pub fn synthetic_input(spec: &TensorSpec, batch: usize) -> Result<Tensor, InferE
 
 /// Peak resident set size of this process, from `/proc/self/status`.
 pub fn peak_rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    crate::memory::status_kib("VmHWM").ok()
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {

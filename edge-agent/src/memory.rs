@@ -49,14 +49,19 @@ pub struct Released {
     pub rss_after_kib: u64,
 }
 
-/// `VmRSS` of this process, KiB.
-pub fn resident_kib() -> io::Result<u64> {
+/// A memory figure of this process from `/proc/self/status` (`VmRSS`, `VmHWM`, …), KiB.
+pub fn status_kib(field: &str) -> io::Result<u64> {
     let status = std::fs::read_to_string("/proc/self/status")?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no VmRSS in /proc/self/status"))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("no {field} in /proc/self/status"),
+            )
+        })
 }
 
 /// Asks the kernel to reclaim the resident pages of this binary's read-only mappings and to drop
@@ -67,7 +72,7 @@ pub fn resident_kib() -> io::Result<u64> {
 pub fn release_startup_code() -> io::Result<Released> {
     use std::os::fd::AsRawFd;
 
-    let rss_before_kib = resident_kib()?;
+    let rss_before_kib = status_kib("VmRSS")?;
     let exe = std::fs::read_link("/proc/self/exe")?;
     let maps = std::fs::read_to_string("/proc/self/maps")?;
     let mut refused = None;
@@ -96,7 +101,7 @@ pub fn release_startup_code() -> io::Result<Released> {
     }
     Ok(Released {
         rss_before_kib,
-        rss_after_kib: resident_kib()?,
+        rss_after_kib: status_kib("VmRSS")?,
     })
 }
 

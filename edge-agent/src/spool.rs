@@ -38,7 +38,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -166,13 +166,25 @@ fn put_record(out: &mut Vec<u8>, kind: u8, id: Uuid, parts: &[&[u8]]) -> usize {
     parts_at
 }
 
-/// A placeholder header for entries whose own could not be read.
-fn unknown_header() -> Header {
-    Header {
-        input: String::new(),
-        created_ms: 0,
-        edge_class: 0,
-        edge_confidence: 0.0,
+impl Dropped {
+    /// Escalation `id`, whose record could not be read back: only its id is known.
+    fn corrupt(id: Uuid) -> Dropped {
+        Dropped {
+            entry: Entry {
+                seq: 0,
+                id,
+                size: 0,
+                header: Header {
+                    input: String::new(),
+                    created_ms: 0,
+                    edge_class: 0,
+                    edge_confidence: 0.0,
+                },
+                at: 0,
+                payload_at: 0,
+            },
+            reason: DropReason::Corrupt,
+        }
     }
 }
 
@@ -224,8 +236,16 @@ impl Spool {
                 spool.file.sync_all()?;
             }
             spool.sync_dir()?;
+        } else if start == MAGIC {
+            spool.load(&path, len, &mut corrupt)?;
         } else {
-            spool.load(&path, &mut corrupt)?;
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} is not a Cascade spool journal; move it away to start with an empty spool",
+                    path.display()
+                ),
+            ));
         }
         spool.import_legacy(&mut corrupt)?;
         if !corrupt.is_empty() {
@@ -237,25 +257,14 @@ impl Spool {
         Ok((spool, corrupt))
     }
 
-    /// Reads the journal back, cutting a torn tail.
-    fn load(&mut self, path: &Path, corrupt: &mut Vec<Dropped>) -> io::Result<()> {
-        let file_len = self.file.metadata()?.len();
-        // A clone shares the file position, still 0 here: all other I/O is positional.
-        let mut reader = BufReader::with_capacity(64 << 10, self.file.try_clone()?);
-        let mut magic = [0u8; MAGIC.len()];
-        if file_len < MAGIC.len() as u64
-            || reader.read_exact(&mut magic).is_err()
-            || &magic != MAGIC
-        {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "{} is not a Cascade spool journal; move it away to start with an empty spool",
-                    path.display()
-                ),
-            ));
-        }
+    /// Reads back the records of a journal of `file_len` bytes whose magic was checked, cutting
+    /// a torn tail.
+    fn load(&mut self, path: &Path, file_len: u64, corrupt: &mut Vec<Dropped>) -> io::Result<()> {
         let mut at = MAGIC.len() as u64;
+        let mut records = self.file.try_clone()?;
+        // The clone shares the file position; all other I/O here is positional.
+        records.seek(SeekFrom::Start(at))?;
+        let mut reader = BufReader::with_capacity(64 << 10, records);
         let mut body = Vec::new();
         while file_len - at >= RECORD_HEAD {
             let mut head = [0u8; RECORD_HEAD as usize];
@@ -308,17 +317,7 @@ impl Spool {
                             payload_at: at + RECORD_HEAD + (BODY_HEAD + payload) as u64,
                         });
                     }
-                    None => corrupt.push(Dropped {
-                        entry: Entry {
-                            seq: 0,
-                            id,
-                            size,
-                            header: unknown_header(),
-                            at,
-                            payload_at: at + size,
-                        },
-                        reason: DropReason::Corrupt,
-                    }),
+                    None => corrupt.push(Dropped::corrupt(id)),
                 }
             }
             APPLIED => {
@@ -373,17 +372,7 @@ impl Spool {
                     Some((header, &bytes[4 + len..]))
                 });
             let Some((header, escalation)) = parsed else {
-                corrupt.push(Dropped {
-                    entry: Entry {
-                        seq: 0,
-                        id: *id,
-                        size: 0,
-                        header: unknown_header(),
-                        at: 0,
-                        payload_at: 0,
-                    },
-                    reason: DropReason::Corrupt,
-                });
+                corrupt.push(Dropped::corrupt(*id));
                 continue;
             };
             let (record, entry) = encode_escalation(self.next_seq, *id, header, escalation)?;
@@ -461,6 +450,14 @@ impl Spool {
         self.by_id.remove(&entry.id);
         self.bytes -= entry.size;
         Some(entry)
+    }
+
+    /// Takes the entries `seqs`, whose forgotten records are written, as dropped for `reason`.
+    fn take_dropped(&mut self, seqs: Vec<u64>, reason: DropReason) -> Vec<Dropped> {
+        seqs.into_iter()
+            .filter_map(|seq| self.take(seq))
+            .map(|entry| Dropped { entry, reason })
+            .collect()
     }
 
     fn take_id(&mut self, id: Uuid) -> Option<Entry> {
@@ -579,14 +576,7 @@ impl Spool {
         batch.extend_from_slice(&record);
         self.append(&batch)?;
         self.next_seq += 1;
-        let dropped = leaving
-            .into_iter()
-            .filter_map(|seq| self.take(seq))
-            .map(|entry| Dropped {
-                entry,
-                reason: DropReason::Full,
-            })
-            .collect();
+        let dropped = self.take_dropped(leaving, DropReason::Full);
         self.insert(entry);
         self.maybe_compact();
         Ok(dropped)
@@ -654,14 +644,7 @@ impl Spool {
         }
         // Not flushed on its own: if lost, the entries come back and expire again.
         self.write_at_end(&batch, false)?;
-        let dropped = old
-            .into_iter()
-            .filter_map(|seq| self.take(seq))
-            .map(|entry| Dropped {
-                entry,
-                reason: DropReason::Expired,
-            })
-            .collect();
+        let dropped = self.take_dropped(old, DropReason::Expired);
         self.maybe_compact();
         Ok(dropped)
     }
