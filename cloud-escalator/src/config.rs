@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use cascade_infer::BackendChoice;
 use cascade_proto::topic::{Segment, validate_segment};
 use serde::Deserialize;
 
@@ -134,6 +135,14 @@ pub struct RouteConfig {
     /// Inference threads per model.
     #[serde(default = "one")]
     pub threads: usize,
+    /// Engine for both models: `auto`, `tract`, `tflite` or `cuda` (the GPU engine; on CPU,
+    /// with one log line, where it cannot run).
+    #[serde(default = "auto")]
+    pub backend: String,
+}
+
+fn auto() -> String {
+    BackendChoice::Auto.name().to_string()
 }
 
 fn one() -> usize {
@@ -254,6 +263,9 @@ impl EscalatorConfig {
                     r.edge_model
                 ));
             }
+            if let Err(e) = r.backend.parse::<BackendChoice>() {
+                return invalid(format!("routes {:?}: backend: {e}", r.edge_model));
+            }
         }
         if let Some(url) = &self.broker.url {
             edge_agent::config::broker_address(url)
@@ -312,6 +324,7 @@ cloud_model = "models/digits-cloud.onnx"
         assert_eq!(c.batching.max_batch, 32);
         assert_eq!(c.broker.share_group, "escalators");
         assert!(c.broker.url.is_none(), "embedded broker by default");
+        assert_eq!(c.routes[0].backend, "auto");
     }
 
     #[test]
@@ -325,6 +338,12 @@ cloud_model = "models/digits-cloud.onnx"
             let err = c.validate().unwrap_err().to_string();
             assert!(err.contains(expected), "{extra}: {err}");
         }
+        let gpu: EscalatorConfig = toml::from_str(&format!("{MINIMAL}backend = \"gpu\"")).unwrap();
+        let err = gpu.validate().unwrap_err().to_string();
+        assert!(err.contains("backend") && err.contains("cuda"), "{err}");
+        let cuda: EscalatorConfig =
+            toml::from_str(&format!("{MINIMAL}backend = \"cuda\"")).unwrap();
+        cuda.validate().unwrap();
         let none: EscalatorConfig = toml::from_str("routes = []").unwrap();
         assert!(none.validate().unwrap_err().to_string().contains("routes"));
     }

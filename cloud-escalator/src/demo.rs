@@ -206,6 +206,7 @@ pub async fn run(options: DemoOptions, out: &mut (dyn Write + Send)) -> anyhow::
         cloud_model: options.cloud_model.clone(),
         tail_model: Some(options.tail_model.clone()),
         threads: 1,
+        backend: "auto".into(),
     }];
     // The fleet console, on a free port, with an admin token for this run.
     let management = cloud_escalator::fleet::FleetConfig {

@@ -153,6 +153,7 @@ pub async fn round_trip(
         cloud_model: options.model.clone(),
         tail_model: None,
         threads: 1,
+        backend: "auto".into(),
     };
     // A directory of our own inside the one given, so that runs never share a store.
     let store_dir = match &options.escalator_store {
@@ -335,6 +336,7 @@ pub async fn batching(
         cloud_model: options.cloud_model.clone(),
         tail_model: None,
         threads: 1,
+        backend: "auto".into(),
     };
     let escalator = cloud_escalator::service::start(
         escalator_config(

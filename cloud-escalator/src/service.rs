@@ -44,7 +44,7 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::batcher::{Batch, BatchLimits, Batcher};
-use crate::config::{ConfigError, EscalatorConfig};
+use crate::config::{ConfigError, EscalatorConfig, RouteConfig};
 use crate::store::{Example, Store};
 
 /// Why the service could not start.
@@ -172,12 +172,14 @@ struct Served {
 fn load_served(
     path: &std::path::Path,
     key: String,
-    threads: usize,
+    route: &RouteConfig,
 ) -> Result<Served, ServiceError> {
     let model: Arc<dyn Model> = Arc::from(load_path(
         path,
         &LoadOptions {
-            threads,
+            threads: route.threads,
+            // Validated with the config.
+            backend: route.backend.parse().unwrap_or_default(),
             ..LoadOptions::default()
         },
     )?);
@@ -429,13 +431,13 @@ pub async fn start(
         let cloud = Arc::new(load_served(
             &r.cloud_model,
             format!("{}/cloud", r.edge_model),
-            r.threads,
+            r,
         )?);
         let tail = match &r.tail_model {
             Some(p) => Some(Arc::new(load_served(
                 p,
                 format!("{}/tail", r.edge_model),
-                r.threads,
+                r,
             )?)),
             None => None,
         };

@@ -168,8 +168,9 @@ struct EngineArgs {
     /// Model file (ONNX or TFLite; the format is read from the file, not its name).
     #[arg(long)]
     model: PathBuf,
-    /// Engine: auto (fastest that loads the model), tract, or tflite (needs a build with
-    /// --features tflite).
+    /// Engine: auto (fastest that loads the model), tract, tflite (needs a build with
+    /// --features tflite), or cuda (the GPU engine, in a build with --features cuda; runs on CPU,
+    /// saying why in one log line, where it cannot).
     #[arg(long, default_value = "auto")]
     backend: BackendChoice,
     /// Worker threads per inference.

@@ -21,6 +21,8 @@
 //! - `tflite` *(private)*: TFLite on tract through Cascade's own frontend (QUANTIZE, DEQUANTIZE,
 //!   int8 with requantization, fp16 weights), falling back to stock tract-tflite.
 //! - `tract` *(private)*: what the tract backends share.
+//! - `gpu` *(private)*: the GPU engine: ONNX lowered to GEMM/convolution/elementwise steps, run
+//!   through cudarc with feature `cuda`, on CPU (tract) with one log line otherwise.
 
 pub mod confidence;
 pub mod error;
@@ -32,6 +34,7 @@ pub mod model;
 pub mod tensor;
 pub mod wire;
 
+mod gpu;
 mod onnx;
 mod tflite;
 mod tract;
@@ -75,6 +78,12 @@ pub fn load_bytes(
             detail: "this build has no TFLite interpreter".into(),
             hint: "rebuild with `--features tflite` (needs libclang-dev and clang), or use --backend tract".into(),
         }))),
+        BackendChoice::Cuda => gpu::load(bytes, source, format, options),
+        // A build with the GPU engine tries it first for ONNX models.
+        #[cfg(feature = "cuda")]
+        BackendChoice::Auto if format == ModelFormat::Onnx => {
+            gpu::load(bytes, source, format, options)
+        }
         BackendChoice::Auto | BackendChoice::Tract => {
             let started = std::time::Instant::now();
             let model: Box<dyn Model> = match format {

@@ -233,22 +233,29 @@ pub struct OpTime {
 /// Which engine runs a model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BackendChoice {
-    /// The fastest engine that loads the model: tract, then the TFLite interpreter (when built in).
+    /// The fastest engine that loads the model: the GPU engine for ONNX models in a build with
+    /// feature `cuda` (falling back to CPU), else tract, then the TFLite interpreter (when built
+    /// in).
     #[default]
     Auto,
     /// tract (ONNX through tract-onnx; TFLite through Cascade's frontend or tract-tflite).
     Tract,
     /// The TensorFlow Lite interpreter (feature `tflite`): bit-exact with TFLite, slower int8.
     Tflite,
+    /// The GPU engine (feature `cuda`): ONNX float models on an NVIDIA GPU through cudarc. Runs
+    /// the model on tract, with one log line saying why, when it cannot (no GPU, a build without
+    /// `cuda`, an operator it does not cover, a TFLite model).
+    Cuda,
 }
 
 impl BackendChoice {
-    /// The name [`FromStr`] reads: `auto`, `tract` or `tflite`.
+    /// The name [`FromStr`] reads: `auto`, `tract`, `tflite` or `cuda`.
     pub const fn name(self) -> &'static str {
         match self {
             BackendChoice::Auto => "auto",
             BackendChoice::Tract => "tract",
             BackendChoice::Tflite => "tflite",
+            BackendChoice::Cuda => "cuda",
         }
     }
 }
@@ -261,8 +268,9 @@ impl FromStr for BackendChoice {
             "auto" => Ok(BackendChoice::Auto),
             "tract" => Ok(BackendChoice::Tract),
             "tflite" => Ok(BackendChoice::Tflite),
+            "cuda" => Ok(BackendChoice::Cuda),
             other => Err(format!(
-                "unknown backend {other:?}: expected auto, tract or tflite"
+                "unknown backend {other:?}: expected auto, tract, tflite or cuda"
             )),
         }
     }
