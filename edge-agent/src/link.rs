@@ -152,6 +152,9 @@ impl Link {
                 DropReason::Full => "spool full: oldest escalation dropped",
                 DropReason::Expired => "no verdict in time",
                 DropReason::Corrupt => "spool record unreadable",
+                DropReason::TooLarge => {
+                    "larger than the whole spool (mqtt.spool_max_bytes): not sent"
+                }
             };
             tracing::warn!(escalation = %d.entry.id, input = %d.entry.header.input, reason, "escalation dropped");
             let mut event = ResultEvent::new(d.entry.header.input.clone(), Stage::Dropped);
@@ -181,7 +184,11 @@ impl Link {
                 match self.spool.push(id, header, &bytes) {
                     Ok(dropped) => {
                         settle(settled);
+                        let refused = dropped.iter().any(|d| d.entry.id == id);
                         self.report_dropped(dropped).await;
+                        if refused {
+                            return;
+                        }
                     }
                     Err(e) => {
                         // Not durable, but still worth sending: count it and go on.

@@ -127,6 +127,8 @@ pub enum DropReason {
     Expired,
     /// Its record could not be read back.
     Corrupt,
+    /// It alone is larger than the whole spool: never stored, and not sent.
+    TooLarge,
 }
 
 /// The spool. See the module documentation.
@@ -560,6 +562,13 @@ impl Spool {
         escalation: &[u8],
     ) -> io::Result<Vec<Dropped>> {
         let (record, entry) = encode_escalation(self.next_seq, id, header, escalation)?;
+        if entry.size > self.max_bytes {
+            // Making room would empty the spool and still not fit: refuse this one, keep the rest.
+            return Ok(vec![Dropped {
+                entry,
+                reason: DropReason::TooLarge,
+            }]);
+        }
         // Records of the oldest entries leaving, then the new one: one write, one flush.
         let mut batch = Vec::new();
         let mut leaving = Vec::new();
@@ -865,6 +874,30 @@ mod tests {
         drop(s);
         let (s, _) = Spool::open(dir.path(), 1 << 20, false).unwrap();
         assert_eq!(s.ids(), vec![id(1)]);
+    }
+
+    #[test]
+    fn an_escalation_larger_than_the_spool_is_refused_and_the_rest_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = Spool::open(dir.path(), 4096, false).unwrap();
+        s.push(id(1), header("a", 1), &[1u8; 1000]).unwrap();
+        s.push(id(2), header("b", 2), &[2u8; 1000]).unwrap();
+        let before = journal_len(dir.path());
+        let dropped = s.push(id(3), header("huge", 3), &[3u8; 5000]).unwrap();
+        assert_eq!(dropped.len(), 1);
+        assert_eq!(
+            (dropped[0].entry.id, dropped[0].reason),
+            (id(3), DropReason::TooLarge)
+        );
+        assert_eq!(
+            s.ids(),
+            vec![id(1), id(2)],
+            "nothing else left to make room"
+        );
+        assert_eq!(journal_len(dir.path()), before, "nothing written");
+        drop(s);
+        let (s, _) = Spool::open(dir.path(), 4096, false).unwrap();
+        assert_eq!(s.ids(), vec![id(1), id(2)]);
     }
 
     #[test]

@@ -419,283 +419,270 @@ impl Lowering {
         self.graph.weights.len() - 1
     }
 
+    /// Lowers one node, or says why it cannot be.
     fn node(&mut self, node: &NodeProto) -> Result<(), Unsupported> {
-        let fail = |why: &str| Unsupported {
+        self.lower_node(node).map_err(|why| Unsupported {
             node: node.name.clone(),
             op: node.op_type.clone(),
-            why: why.to_string(),
-        };
-        let attr_err = |e: TractError| Unsupported {
-            node: node.name.clone(),
-            op: node.op_type.clone(),
-            why: format!("{e:#}"),
-        };
+            why,
+        })
+    }
+
+    fn lower_node(&mut self, node: &NodeProto) -> Result<(), String> {
         if !(node.domain.is_empty() || node.domain == "ai.onnx") {
-            return Err(fail(&format!(
-                "operator domain {:?} is not covered",
-                node.domain
-            )));
+            return Err(format!("operator domain {:?} is not covered", node.domain));
         }
-        let out_name = node
-            .output
-            .first()
-            .ok_or_else(|| fail("the node has no output"))?;
+        let out = node.output.first().ok_or("the node has no output")?;
         if node.output.iter().skip(1).any(|o| !o.is_empty()) && node.op_type != "Dropout" {
-            return Err(fail("only the first output of a node is covered"));
+            return Err("only the first output of a node is covered".into());
         }
-        if node.op_type == "Constant" {
-            let t: &TensorProto = node.get_attr("value").map_err(attr_err)?;
-            let c = constant(t).map_err(|why| fail(&why))?;
-            self.constants.insert(out_name.clone(), c);
-            return Ok(());
-        }
-        let input = |i: usize| -> Result<ValueId, Unsupported> {
-            let name = node
-                .input
-                .get(i)
-                .ok_or_else(|| fail(&format!("input {i} is missing")))?;
-            self.names.get(name).copied().ok_or_else(|| {
-                fail(&format!(
-                    "input {name:?} must be computed from the model's inputs, not a constant"
-                ))
-            })
-        };
-        let konst = |i: usize| -> Option<&Constant> {
-            node.input
-                .get(i)
-                .filter(|n| !n.is_empty())
-                .and_then(|n| self.constants.get(n))
-        };
         match node.op_type.as_str() {
-            "Relu" | "Sigmoid" | "Tanh" | "LeakyRelu" | "Clip" => {
-                let x = input(0)?;
-                let op = match node.op_type.as_str() {
-                    "Relu" => UnaryOp::Relu,
-                    "Sigmoid" => UnaryOp::Sigmoid,
-                    "Tanh" => UnaryOp::Tanh,
-                    "LeakyRelu" => UnaryOp::LeakyRelu(
-                        node.get_attr_opt::<f32>("alpha")
-                            .map_err(attr_err)?
-                            .unwrap_or(0.01),
-                    ),
-                    _ => {
-                        let (lo, hi) = if self.opset < 11 {
-                            (
-                                node.get_attr_opt::<f32>("min").map_err(attr_err)?,
-                                node.get_attr_opt::<f32>("max").map_err(attr_err)?,
-                            )
-                        } else {
-                            let bound = |i: usize| -> Result<Option<f32>, Unsupported> {
-                                match node.input.get(i).filter(|n| !n.is_empty()) {
-                                    None => Ok(None),
-                                    Some(_) => konst(i)
-                                        .and_then(|c| c.values.first().copied())
-                                        .map(Some)
-                                        .ok_or_else(|| fail("Clip bounds must be constants")),
-                                }
-                            };
-                            (bound(1)?, bound(2)?)
-                        };
-                        UnaryOp::Clip(lo.unwrap_or(f32::NEG_INFINITY), hi.unwrap_or(f32::INFINITY))
-                    }
-                };
-                let shape = self.graph.values[x].shape.clone();
-                let out = self.new_value(out_name, shape);
-                self.graph.steps.push(Step::Unary { x, out, op });
+            "Constant" => {
+                let t: &TensorProto = attr(node.get_attr("value"))?;
+                let c = constant(t)?;
+                self.constants.insert(out.clone(), c);
             }
+            "Relu" | "Sigmoid" | "Tanh" | "LeakyRelu" | "Clip" => self.unary(node, out)?,
             "Identity" | "Dropout" => {
-                let x = input(0)?;
-                let v = self.graph.values[x].clone();
-                self.push_value(out_name, v.shape, v.buffer);
+                let v = self.graph.values[self.activation(node, 0)?].clone();
+                self.push_value(out, v.shape, v.buffer);
             }
             "Reshape" => {
-                let x = input(0)?;
-                let target = konst(1)
-                    .ok_or_else(|| fail("the target shape must be a constant"))?
+                let v = self.graph.values[self.activation(node, 0)?].clone();
+                let target = self
+                    .constant_input(node, 1)
+                    .ok_or("the target shape must be a constant")?
                     .as_ints();
-                let v = self.graph.values[x].clone();
-                let shape = reshape(&v.shape, &target).map_err(|why| fail(&why))?;
-                self.push_value(out_name, shape, v.buffer);
+                let shape = reshape(&v.shape, &target)?;
+                self.push_value(out, shape, v.buffer);
             }
             "Flatten" => {
-                let x = input(0)?;
-                let v = self.graph.values[x].clone();
-                let axis = node
-                    .get_attr_opt::<i64>("axis")
-                    .map_err(attr_err)?
-                    .unwrap_or(1);
-                let rank = v.shape.len() as i64 + 1;
-                let axis = if axis < 0 { axis + rank } else { axis };
-                if axis != 1 {
-                    return Err(fail("only Flatten at axis 1 keeps the batch apart"));
+                let v = self.graph.values[self.activation(node, 0)?].clone();
+                let axis = attr(node.get_attr_opt::<i64>("axis"))?.unwrap_or(1);
+                if axis_in(axis, v.shape.len() + 1) != Some(1) {
+                    return Err("only Flatten at axis 1 keeps the batch apart".into());
                 }
-                self.push_value(out_name, vec![v.len()], v.buffer);
+                self.push_value(out, vec![v.len()], v.buffer);
             }
-            "Transpose" => {
-                let x = input(0)?;
-                let shape = self.graph.values[x].shape.clone();
-                let perm = node
-                    .get_attr_opt_vec::<i64>("perm")
-                    .map_err(attr_err)?
-                    .ok_or_else(|| fail("a Transpose without perm moves the batch axis"))?;
-                if perm.len() != shape.len() + 1 || perm[0] != 0 {
-                    return Err(fail("the permutation must keep the batch on axis 0"));
-                }
-                let perm: Vec<usize> = perm[1..].iter().map(|&p| p as usize - 1).collect();
-                let mut seen = vec![false; shape.len()];
-                for &p in &perm {
-                    if p >= shape.len() || std::mem::replace(&mut seen[p], true) {
-                        return Err(fail("perm is not a permutation"));
-                    }
-                }
-                let out_shape = perm.iter().map(|&p| shape[p]).collect();
-                let out = self.new_value(out_name, out_shape);
-                self.graph.steps.push(Step::Transpose { x, out, perm });
-            }
-            "Gemm" => self.gemm(node, input(0)?).map_err(|why| fail(&why))?,
-            "MatMul" => {
-                let x = input(0)?;
-                let b = konst(1)
-                    .ok_or_else(|| fail("the second operand must be a constant weight matrix"))?
-                    .clone();
-                if b.shape.len() != 2 {
-                    return Err(fail("the weight matrix must be 2-D"));
-                }
-                let shape = self.graph.values[x].shape.clone();
-                let (k, n) = (b.shape[0], b.shape[1]);
-                if shape.last() != Some(&k) {
-                    return Err(fail(&format!(
-                        "inner dimensions differ: {shape:?} · [{k}, {n}]"
-                    )));
-                }
-                let rows = shape[..shape.len() - 1].iter().product();
-                let weight = self.weight(b.values);
-                let mut out_shape = shape;
-                *out_shape.last_mut().expect("checked above") = n;
-                let out = self.new_value(out_name, out_shape);
-                self.graph.steps.push(Step::MatMul {
-                    x,
-                    out,
-                    weight,
-                    bias: None,
-                    rows,
-                    k,
-                    n,
-                });
-            }
-            "Add" | "Sub" | "Mul" | "Div" => {
-                let op = match node.op_type.as_str() {
-                    "Add" => BinaryOp::Add,
-                    "Sub" => BinaryOp::Sub,
-                    "Mul" => BinaryOp::Mul,
-                    _ => BinaryOp::Div,
-                };
-                let name = |i: usize| node.input.get(i).cloned().unwrap_or_default();
-                let (a, b, reversed) = match (
-                    self.names.get(&name(0)).copied(),
-                    self.names.get(&name(1)).copied(),
-                ) {
-                    (Some(a), Some(b)) => {
-                        if self.graph.values[a].shape != self.graph.values[b].shape {
-                            return Err(fail("two activations must have the same shape"));
-                        }
-                        (a, Operand::Value(b), false)
-                    }
-                    (Some(a), None) => {
-                        let c = konst(1)
-                            .ok_or_else(|| fail("input 1 is not known"))?
-                            .clone();
-                        (
-                            a,
-                            self.broadcast_weight(a, &c).map_err(|why| fail(&why))?,
-                            false,
-                        )
-                    }
-                    (None, Some(b)) => {
-                        let c = konst(0)
-                            .ok_or_else(|| fail("input 0 is not known"))?
-                            .clone();
-                        (
-                            b,
-                            self.broadcast_weight(b, &c).map_err(|why| fail(&why))?,
-                            true,
-                        )
-                    }
-                    (None, None) => return Err(fail("both operands are constants")),
-                };
-                // a + c and a * c commute; only Sub and Div need the order.
-                let reversed = reversed && matches!(op, BinaryOp::Sub | BinaryOp::Div);
-                let shape = self.graph.values[a].shape.clone();
-                let out = self.new_value(out_name, shape);
-                self.graph.steps.push(Step::Binary {
-                    a,
-                    b,
-                    out,
-                    op,
-                    reversed,
-                });
-            }
-            "Conv" => self.conv(node, input(0)?).map_err(|why| fail(&why))?,
-            "BatchNormalization" => self.batch_norm(node, input(0)?).map_err(|why| fail(&why))?,
+            "Transpose" => self.transpose(node, out)?,
+            "Gemm" => self.gemm(node, self.activation(node, 0)?)?,
+            "MatMul" => self.matmul(node, out)?,
+            "Add" | "Sub" | "Mul" | "Div" => self.binary(node, out)?,
+            "Conv" => self.conv(node, self.activation(node, 0)?)?,
+            "BatchNormalization" => self.batch_norm(node, self.activation(node, 0)?)?,
             "MaxPool" | "AveragePool" | "GlobalAveragePool" | "GlobalMaxPool" => {
-                self.pool(node, input(0)?).map_err(|why| fail(&why))?
+                self.pool(node, self.activation(node, 0)?)?
             }
-            "Softmax" => {
-                let x = input(0)?;
-                let shape = self.graph.values[x].shape.clone();
-                let rank = shape.len() as i64 + 1;
-                let default = if self.opset < 13 { 1 } else { -1 };
-                let axis = node
-                    .get_attr_opt::<i64>("axis")
-                    .map_err(attr_err)?
-                    .unwrap_or(default);
-                let axis = if axis < 0 { axis + rank } else { axis };
-                if axis < 1 || axis >= rank {
-                    return Err(fail("softmax over the batch axis is not covered"));
-                }
-                let cols = if self.opset < 13 {
-                    // Before opset 13 Softmax flattens everything from `axis` into one row.
-                    shape[axis as usize - 1..].iter().product()
-                } else if axis == rank - 1 {
-                    shape[shape.len() - 1]
-                } else {
-                    return Err(fail("only softmax over the last axis is covered"));
-                };
-                let out = self.new_value(out_name, shape);
-                self.graph.steps.push(Step::Softmax { x, out, cols });
-            }
-            "Concat" => {
-                let parts = (0..node.input.len())
-                    .map(input)
-                    .collect::<Result<Vec<_>, _>>()?;
-                let first = self.graph.values[parts[0]].shape.clone();
-                let rank = first.len() as i64 + 1;
-                let axis = node.get_attr::<i64>("axis").map_err(attr_err)?;
-                let axis = if axis < 0 { axis + rank } else { axis };
-                if axis < 1 || axis >= rank {
-                    return Err(fail("concatenation along the batch axis is not covered"));
-                }
-                let axis = axis as usize - 1;
-                let mut shape = first.clone();
-                shape[axis] = 0;
-                for &p in &parts {
-                    let s = &self.graph.values[p].shape;
-                    let same_elsewhere = s.len() == first.len()
-                        && s.iter()
-                            .zip(&first)
-                            .enumerate()
-                            .all(|(i, (a, b))| i == axis || a == b);
-                    if !same_elsewhere {
-                        return Err(fail("inputs differ outside the concatenation axis"));
-                    }
-                    shape[axis] += s[axis];
-                }
-                let outer = first[..axis].iter().product();
-                let out = self.new_value(out_name, shape);
-                self.graph.steps.push(Step::Concat { parts, out, outer });
-            }
-            other => return Err(fail(&format!("{other} is not covered by the GPU engine"))),
+            "Softmax" => self.softmax(node, out)?,
+            "Concat" => self.concat(node, out)?,
+            other => return Err(format!("{other} is not covered by the GPU engine")),
         }
+        Ok(())
+    }
+
+    /// Input `i` of `node`, which must be computed from the model's inputs.
+    fn activation(&self, node: &NodeProto, i: usize) -> Result<ValueId, String> {
+        let name = node
+            .input
+            .get(i)
+            .ok_or_else(|| format!("input {i} is missing"))?;
+        self.names.get(name).copied().ok_or_else(|| {
+            format!("input {name:?} must be computed from the model's inputs, not a constant")
+        })
+    }
+
+    /// Input `i` of `node`, when it is a constant.
+    fn constant_input(&self, node: &NodeProto, i: usize) -> Option<&Constant> {
+        node.input
+            .get(i)
+            .filter(|n| !n.is_empty())
+            .and_then(|n| self.constants.get(n))
+    }
+
+    fn unary(&mut self, node: &NodeProto, out: &str) -> Result<(), String> {
+        let x = self.activation(node, 0)?;
+        let op = match node.op_type.as_str() {
+            "Relu" => UnaryOp::Relu,
+            "Sigmoid" => UnaryOp::Sigmoid,
+            "Tanh" => UnaryOp::Tanh,
+            "LeakyRelu" => {
+                UnaryOp::LeakyRelu(attr(node.get_attr_opt::<f32>("alpha"))?.unwrap_or(0.01))
+            }
+            _ => {
+                // Clip: bounds are attributes before opset 11, optional constant inputs after.
+                let (lo, hi) = if self.opset < 11 {
+                    (
+                        attr(node.get_attr_opt::<f32>("min"))?,
+                        attr(node.get_attr_opt::<f32>("max"))?,
+                    )
+                } else {
+                    let bound = |i: usize| -> Result<Option<f32>, String> {
+                        match node.input.get(i).filter(|n| !n.is_empty()) {
+                            None => Ok(None),
+                            Some(_) => self
+                                .constant_input(node, i)
+                                .and_then(|c| c.values.first().copied())
+                                .map(Some)
+                                .ok_or_else(|| "Clip bounds must be constants".into()),
+                        }
+                    };
+                    (bound(1)?, bound(2)?)
+                };
+                UnaryOp::Clip(lo.unwrap_or(f32::NEG_INFINITY), hi.unwrap_or(f32::INFINITY))
+            }
+        };
+        let shape = self.graph.values[x].shape.clone();
+        let out = self.new_value(out, shape);
+        self.graph.steps.push(Step::Unary { x, out, op });
+        Ok(())
+    }
+
+    fn transpose(&mut self, node: &NodeProto, out: &str) -> Result<(), String> {
+        let x = self.activation(node, 0)?;
+        let shape = self.graph.values[x].shape.clone();
+        let perm = attr(node.get_attr_opt_vec::<i64>("perm"))?
+            .ok_or("a Transpose without perm moves the batch axis")?;
+        if perm.len() != shape.len() + 1 || perm[0] != 0 {
+            return Err("the permutation must keep the batch on axis 0".into());
+        }
+        let perm: Vec<usize> = perm[1..].iter().map(|&p| (p - 1) as usize).collect();
+        let mut seen = vec![false; shape.len()];
+        for &p in &perm {
+            if p >= shape.len() || std::mem::replace(&mut seen[p], true) {
+                return Err("perm is not a permutation".into());
+            }
+        }
+        let out_shape = perm.iter().map(|&p| shape[p]).collect();
+        let out = self.new_value(out, out_shape);
+        self.graph.steps.push(Step::Transpose { x, out, perm });
+        Ok(())
+    }
+
+    fn matmul(&mut self, node: &NodeProto, out: &str) -> Result<(), String> {
+        let x = self.activation(node, 0)?;
+        let b = self
+            .constant_input(node, 1)
+            .ok_or("the second operand must be a constant weight matrix")?
+            .clone();
+        let [k, n] = b.shape[..] else {
+            return Err("the weight matrix must be 2-D".into());
+        };
+        let shape = self.graph.values[x].shape.clone();
+        if shape.last() != Some(&k) {
+            return Err(format!("inner dimensions differ: {shape:?} · [{k}, {n}]"));
+        }
+        let rows = shape[..shape.len() - 1].iter().product();
+        let weight = self.weight(b.values);
+        let mut out_shape = shape;
+        *out_shape.last_mut().expect("checked above") = n;
+        let out = self.new_value(out, out_shape);
+        self.graph.steps.push(Step::MatMul {
+            x,
+            out,
+            weight,
+            bias: None,
+            rows,
+            k,
+            n,
+        });
+        Ok(())
+    }
+
+    fn binary(&mut self, node: &NodeProto, out: &str) -> Result<(), String> {
+        let op = match node.op_type.as_str() {
+            "Add" => BinaryOp::Add,
+            "Sub" => BinaryOp::Sub,
+            "Mul" => BinaryOp::Mul,
+            _ => BinaryOp::Div,
+        };
+        let computed = |i: usize| node.input.get(i).and_then(|n| self.names.get(n)).copied();
+        let (a, b, reversed) = match (computed(0), computed(1)) {
+            (Some(a), Some(b)) => {
+                if self.graph.values[a].shape != self.graph.values[b].shape {
+                    return Err("two activations must have the same shape".into());
+                }
+                (a, Operand::Value(b), false)
+            }
+            (Some(a), None) => {
+                let c = self
+                    .constant_input(node, 1)
+                    .ok_or("input 1 is not known")?
+                    .clone();
+                (a, self.broadcast_weight(a, &c)?, false)
+            }
+            (None, Some(b)) => {
+                let c = self
+                    .constant_input(node, 0)
+                    .ok_or("input 0 is not known")?
+                    .clone();
+                (b, self.broadcast_weight(b, &c)?, true)
+            }
+            (None, None) => return Err("both operands are constants".into()),
+        };
+        // a + c and a * c commute; only Sub and Div need the order.
+        let reversed = reversed && matches!(op, BinaryOp::Sub | BinaryOp::Div);
+        let shape = self.graph.values[a].shape.clone();
+        let out = self.new_value(out, shape);
+        self.graph.steps.push(Step::Binary {
+            a,
+            b,
+            out,
+            op,
+            reversed,
+        });
+        Ok(())
+    }
+
+    fn softmax(&mut self, node: &NodeProto, out: &str) -> Result<(), String> {
+        let x = self.activation(node, 0)?;
+        let shape = self.graph.values[x].shape.clone();
+        let rank = shape.len() + 1;
+        let default = if self.opset < 13 { 1 } else { -1 };
+        let axis = axis_in(
+            attr(node.get_attr_opt::<i64>("axis"))?.unwrap_or(default),
+            rank,
+        )
+        .filter(|&a| a >= 1)
+        .ok_or("softmax over the batch axis is not covered")?;
+        let cols = if self.opset < 13 {
+            // Before opset 13 Softmax flattens everything from `axis` into one row.
+            shape[axis - 1..].iter().product()
+        } else if axis == rank - 1 {
+            shape[shape.len() - 1]
+        } else {
+            return Err("only softmax over the last axis is covered".into());
+        };
+        let out = self.new_value(out, shape);
+        self.graph.steps.push(Step::Softmax { x, out, cols });
+        Ok(())
+    }
+
+    fn concat(&mut self, node: &NodeProto, out: &str) -> Result<(), String> {
+        let parts = (0..node.input.len())
+            .map(|i| self.activation(node, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let first = self.graph.values[parts[0]].shape.clone();
+        let axis = axis_in(attr(node.get_attr::<i64>("axis"))?, first.len() + 1)
+            .filter(|&a| a >= 1)
+            .ok_or("concatenation along the batch axis is not covered")?
+            - 1;
+        let mut shape = first.clone();
+        shape[axis] = 0;
+        for &p in &parts {
+            let s = &self.graph.values[p].shape;
+            let same_elsewhere = s.len() == first.len()
+                && s.iter()
+                    .zip(&first)
+                    .enumerate()
+                    .all(|(i, (a, b))| i == axis || a == b);
+            if !same_elsewhere {
+                return Err("inputs differ outside the concatenation axis".into());
+            }
+            shape[axis] += s[axis];
+        }
+        let outer = first[..axis].iter().product();
+        let out = self.new_value(out, shape);
+        self.graph.steps.push(Step::Concat { parts, out, outer });
         Ok(())
     }
 
@@ -726,17 +713,9 @@ impl Lowering {
     }
 
     fn gemm(&mut self, node: &NodeProto, x: ValueId) -> Result<(), String> {
-        let attr = |name: &str, default: f32| {
-            node.get_attr_opt::<f32>(name)
-                .map(|v| v.unwrap_or(default))
-                .map_err(|e| format!("{e:#}"))
-        };
-        let flag = |name: &str| {
-            node.get_attr_opt::<i64>(name)
-                .map(|v| v.unwrap_or(0) != 0)
-                .map_err(|e| format!("{e:#}"))
-        };
-        let (alpha, beta) = (attr("alpha", 1.0)?, attr("beta", 1.0)?);
+        let scalar = |name: &str| attr(node.get_attr_opt::<f32>(name)).map(|v| v.unwrap_or(1.0));
+        let flag = |name: &str| attr(node.get_attr_opt::<i64>(name)).map(|v| v.unwrap_or(0) != 0);
+        let (alpha, beta) = (scalar("alpha")?, scalar("beta")?);
         if flag("transA")? {
             return Err("transA=1 would transpose the batch into the rows".into());
         }
@@ -898,10 +877,7 @@ impl Lowering {
             Ok(c.values.clone())
         };
         let (gamma, beta, mean, var) = (param(1)?, param(2)?, param(3)?, param(4)?);
-        let eps = node
-            .get_attr_opt::<f32>("epsilon")
-            .map_err(|e| format!("{e:#}"))?
-            .unwrap_or(1e-5);
+        let eps = attr(node.get_attr_opt::<f32>("epsilon"))?.unwrap_or(1e-5);
         let scale: Vec<f32> = gamma
             .iter()
             .zip(&var)
@@ -1022,6 +998,18 @@ impl Lowering {
     }
 }
 
+/// An attribute read by tract's ONNX helpers, its error as text.
+fn attr<T>(read: TractResult<T>) -> Result<T, String> {
+    read.map_err(|e| format!("{e:#}"))
+}
+
+/// A possibly negative ONNX axis of a tensor of `rank` (batch included), when it is in range.
+fn axis_in(axis: i64, rank: usize) -> Option<usize> {
+    let rank = rank as i64;
+    let axis = if axis < 0 { axis + rank } else { axis };
+    (0..rank).contains(&axis).then_some(axis as usize)
+}
+
 /// An integer attribute (scalar or list) as `usize`s.
 fn ints(node: &NodeProto, name: &str) -> Result<Option<Vec<usize>>, String> {
     let attr = match node.attribute.iter().find(|a| a.name == name) {
@@ -1065,10 +1053,8 @@ fn window(
         return Err("strides and dilations must be positive".into());
     }
     let span = (dilation.0 * (kh - 1) + 1, dilation.1 * (kw - 1) + 1);
-    let auto_pad = node
-        .get_attr_opt::<String>("auto_pad")
-        .map_err(|e| format!("{e:#}"))?
-        .unwrap_or_else(|| "NOTSET".into());
+    let auto_pad =
+        attr(node.get_attr_opt::<String>("auto_pad"))?.unwrap_or_else(|| "NOTSET".into());
     let pads = match auto_pad.as_str() {
         "NOTSET" => match ints(node, "pads")? {
             None => [0; 4],
