@@ -19,11 +19,13 @@ cd "$(dirname "$0")/.."
 MODEL=${MODEL:-models/digits-edge.int8.tflite}
 OUT=${OUT:-edge-agent/steady-state.order}
 
-# Symbols are needed to name the functions: the release profile strips them, so build a copy
-# without stripping (only the link differs; the code, and so the symbol names, are the same).
-echo "building edge-agent (release, symbols kept)" >&2
-CARGO_PROFILE_RELEASE_STRIP=false cargo build --release --quiet -p edge-agent
-AGENT=$PWD/target/release/edge-agent
+# The release profile keeps the symbol table, which names the functions. Recorded from a build
+# without the current list (CASCADE_CODE_ORDER=0, edge-agent/build.rs), kept as $AGENT.plain for
+# comparison; build again afterwards to link with the new list.
+echo "building edge-agent (release, without the current order)" >&2
+CASCADE_CODE_ORDER=0 cargo build --release --quiet -p edge-agent
+cp target/release/edge-agent target/release/edge-agent.plain
+AGENT=$PWD/target/release/edge-agent.plain
 
 dir=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -49,6 +51,7 @@ RUST_LOG=warn valgrind --tool=callgrind --instr-atstart=no --demangle=no \
 agent=$!
 exec 3> "$dir/inputs"
 trap 'exec 3>&-; kill $agent $broker 2>/dev/null; rm -rf "$dir"' EXIT
+for _ in $(seq 50); do (exec 9<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 echo "waiting for the agent to connect (under valgrind: slow)" >&2
 timeout 120 mosquitto_sub -p "$port" -t 'cascade/v1/default/order/status' -C 1 >/dev/null
 # Give start-up's tail (first telemetry, subscriptions) time to pass before collecting.

@@ -15,7 +15,14 @@ use std::path::Path;
 fn main() {
     let order = Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo"))
         .join("steady-state.order");
-    println!("cargo:rerun-if-changed={}", order.display());
+    // Watching a missing file would rerun this (and relink the agent) on every build; without
+    // the list, watch the directory it would appear in.
+    let watched = if order.exists() {
+        order.clone()
+    } else {
+        order.parent().expect("a directory").to_owned()
+    };
+    println!("cargo:rerun-if-changed={}", watched.display());
     println!("cargo:rerun-if-env-changed=CASCADE_CODE_ORDER");
     let lld_target = std::env::var("TARGET").is_ok_and(|t| t == "x86_64-unknown-linux-gnu");
     let enabled = std::env::var("CASCADE_CODE_ORDER").map_or(true, |v| v != "0");
