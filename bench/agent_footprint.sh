@@ -65,19 +65,8 @@ if [ "$RELEASE_S" -gt 0 ]; then
   sleep "$((RELEASE_S + 1))"
   echo "RSS after start-up pages released $(rss VmRSS)   (release_startup_code_s = $RELEASE_S)"
 fi
-# The held-out set as JSON lines, written by the agent's own tools would need numpy; a few lines
-# of Python read the .npy header and rows instead.
-python3 - models/data/digits-test/inputs.npy >&3 <<'PY'
-import ast, json, struct, sys
-data = open(sys.argv[1], "rb").read()
-header_len = struct.unpack("<H", data[8:10])[0]
-header = ast.literal_eval(data[10:10 + header_len].decode())
-rows, cols = header["shape"]
-values = struct.unpack(f"<{rows * cols}f", data[10 + header_len:10 + header_len + 4 * rows * cols])
-for r in range(rows):
-    print(json.dumps({"id": f"row-{r}", "input": values[r * cols:(r + 1) * cols]}))
-PY
-rows=$(python3 -c 'import ast,struct;d=open("models/data/digits-test/inputs.npy","rb").read();h=ast.literal_eval(d[10:10+struct.unpack("<H",d[8:10])[0]].decode());print(h["shape"][0])')
+python3 bench/heldout.py >&3
+rows=$(python3 bench/heldout.py --count)
 for _ in $(seq 100); do
   [ "$(grep -c '"stage":"edge"' "$dir/results.jsonl" 2>/dev/null || echo 0)" -ge "$rows" ] && break
   sleep 0.2

@@ -57,17 +57,8 @@ timeout 120 mosquitto_sub -p "$port" -t 'cascade/v1/default/order/status' -C 1 >
 # Give start-up's tail (first telemetry, subscriptions) time to pass before collecting.
 sleep 5
 callgrind_control -i on "$agent" >/dev/null
-python3 - models/data/digits-test/inputs.npy >&3 <<'PY'
-import ast, json, struct, sys
-data = open(sys.argv[1], "rb").read()
-header_len = struct.unpack("<H", data[8:10])[0]
-header = ast.literal_eval(data[10:10 + header_len].decode())
-rows, cols = header["shape"]
-values = struct.unpack(f"<{rows * cols}f", data[10 + header_len:10 + header_len + 4 * rows * cols])
-for r in range(rows):
-    print(json.dumps({"id": f"row-{r}", "input": values[r * cols:(r + 1) * cols]}))
-PY
-rows=$(python3 -c 'import ast,struct;d=open("models/data/digits-test/inputs.npy","rb").read();h=ast.literal_eval(d[10:10+struct.unpack("<H",d[8:10])[0]].decode());print(h["shape"][0])')
+python3 bench/heldout.py >&3
+rows=$(python3 bench/heldout.py --count)
 for _ in $(seq 600); do
   [ "$(grep -c '"stage":"edge"' "$dir/results.jsonl" 2>/dev/null || echo 0)" -ge "$rows" ] && break
   sleep 1
