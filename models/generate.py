@@ -19,7 +19,9 @@ Test data:
   testdata/               small models for the engine's own tests and the benchmarks: a no-op
                           (softmax) model; two inputs (one 0-d) and two
                           oddly named outputs; the edge model with int8 input and output; and
-                          models with an operator no backend supports
+                          models with an operator no backend supports, and one only TFLite's
+                          own interpreter runs (DEPTH_TO_SPACE); the edge model with per-tensor
+                          weight scales (for the TFLite interpreter backend's tests)
 
     python3 -m venv /tmp/gen && /tmp/gen/bin/pip install -r models/requirements.txt
     /tmp/gen/bin/python models/generate.py          # rewrites models/ and models/manifest.toml
@@ -261,7 +263,6 @@ def tflite_io_names(path):
 def references(x):
     """Reference outputs of the bundled models on the first 32 test inputs."""
     import onnxruntime as ort
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     out = HERE / "data" / "references"
     out.mkdir(parents=True, exist_ok=True)
@@ -270,7 +271,19 @@ def references(x):
         session = ort.InferenceSession(str(HERE / name), providers=["CPUExecutionProvider"])
         for o, value in zip(session.get_outputs(), session.run(None, {"pixels": x})):
             np.save(out / f"{name}.{o.name}.npy", value)
-    interp = Interpreter(model_path=str(HERE / "digits-edge.int8.tflite"), experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
+    steps = ["# One quantization step of the int8 tensor each float output of the TFLite model was", "# dequantized from: the tolerance for comparing against the reference kernels.", ""]
+    # The second file is the TFLite interpreter backend's (shared/infer/tests/interpreter.rs).
+    for path in [HERE / "digits-edge.int8.tflite", HERE / "testdata" / "digits-edge.int8.per-tensor.tflite"]:
+        steps += tflite_references(path, x, out)
+    (out / "steps.toml").write_text("\n".join(steps) + "\n")
+
+
+def tflite_references(path, x, out):
+    """LiteRT's reference kernels' outputs of a TFLite model on `x`, saved as
+    `<file name>.<output>.npy`; returns the steps.toml lines: one quantization step per output."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interp = Interpreter(model_path=str(path), experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
     interp.allocate_tensors()
     results = {o["name"]: [] for o in interp.get_output_details()}
     for row in x:
@@ -280,13 +293,13 @@ def references(x):
             results[o["name"]].append(interp.get_tensor(o["index"])[0])
     producers = {o: op for op in interp._get_ops_details() for o in op["outputs"]}
     details = {t["index"]: t for t in interp.get_tensor_details()}
-    steps = ["# One quantization step of the int8 tensor each float output of the TFLite model was", "# dequantized from: the tolerance for comparing against the reference kernels.", ""]
+    steps = []
     for o in interp.get_output_details():
-        file = f"digits-edge.int8.tflite.{o['name'].replace(':', '_')}.npy"
+        file = f"{path.name}.{o['name'].replace(':', '_')}.npy"
         np.save(out / file, np.stack(results[o["name"]]))
         op = producers[o["index"]]
         steps.append(f'"{file}" = {float(details[op["inputs"][0]]["quantization"][0])!r}')
-    (out / "steps.toml").write_text("\n".join(steps) + "\n")
+    return steps
 
 
 def noop(out):
@@ -343,6 +356,27 @@ def testdata(edge, calibration):
     # A TFLite operator Cascade's frontend does not translate (CUMSUM).
     cumsum = tf.keras.Sequential([tf.keras.Input(shape=(4,)), tf.keras.layers.Lambda(lambda t: tf.math.cumsum(t, axis=1))])
     (out / "unsupported-op.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(cumsum).convert())
+    interpreter_only(out)
+    per_tensor_tflite(edge, out / "digits-edge.int8.per-tensor.tflite", calibration)
+
+
+def per_tensor_tflite(edge, path, calibration):
+    """The edge model with one weight scale per tensor, as converters before TF 2.14 wrote it: the
+    TFLite runtime the `tflite` crate vendors reads only the first scale of per-channel
+    FULLY_CONNECTED weights, so it runs this file but not digits-edge.int8.tflite."""
+    converter = tf.lite.TFLiteConverter.from_keras_model(edge)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([calibration[i : i + 1]] for i in range(len(calibration)))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter._experimental_disable_per_channel_quantization_for_dense_layers = True
+    path.write_bytes(converter.convert())
+
+
+def interpreter_only(out):
+    """A TFLite model tract cannot load but TFLite's own interpreter can (DEPTH_TO_SPACE): proves
+    that `auto` falls back to the interpreter in a build with feature `tflite`."""
+    d2s = tf.keras.Sequential([tf.keras.Input(shape=(2, 2, 4), batch_size=1), tf.keras.layers.Lambda(lambda t: tf.nn.depth_to_space(t, 2))])
+    (out / "depth-to-space.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(d2s).convert())
 
 
 def accuracy(probabilities, y):
@@ -413,8 +447,8 @@ def main():
         [{"name": "embedding", "dtype": "float32", "shape": [-1, EMBEDDING]}],
         "probabilities",
     )
-    references(x_test)
     testdata(edge, calibration)
+    references(x_test)
     write_manifest()
     print(f"edge (Keras, float): {accuracy(keras_edge[0], y_test):.4f}")
     print(f"cloud (Keras):       {accuracy(cloud.predict(x_test, verbose=0), y_test):.4f}")

@@ -21,6 +21,8 @@
 //! - `tflite` *(private)*: TFLite on tract through Cascade's own frontend (QUANTIZE, DEQUANTIZE,
 //!   int8 with requantization, fp16 weights), falling back to stock tract-tflite.
 //! - `tract` *(private)*: what the tract backends share.
+//! - `interpreter` *(private, feature `tflite`)*: TFLite models on the TensorFlow Lite
+//!   interpreter itself (the `tflite` crate): the bit-exact fallback for models tract cannot load.
 //! - `gpu` *(private)*: the GPU engine: ONNX lowered to GEMM/convolution/elementwise steps, run
 //!   through cudarc with feature `cuda`, on CPU (tract) with one log line otherwise.
 
@@ -35,6 +37,8 @@ pub mod tensor;
 pub mod wire;
 
 mod gpu;
+#[cfg(feature = "tflite")]
+mod interpreter;
 mod onnx;
 mod tflite;
 mod tract;
@@ -69,35 +73,88 @@ pub fn load_bytes(
         detail,
     })?;
     match options.backend {
-        BackendChoice::Tflite => Err(InferError::Load(Box::new(LoadError {
-            model: source.to_string(),
-            format,
-            backend: "tflite",
-            node: None,
-            op: None,
-            detail: "this build has no TFLite interpreter".into(),
-            hint: "rebuild with `--features tflite` (needs libclang-dev and clang), or use --backend tract".into(),
-        }))),
+        BackendChoice::Tflite => load_on_interpreter(bytes, source, format, options),
         BackendChoice::Cuda => gpu::load(bytes, source, format, options),
         // A build with the GPU engine tries it first for ONNX models.
         #[cfg(feature = "cuda")]
         BackendChoice::Auto if format == ModelFormat::Onnx => {
             gpu::load(bytes, source, format, options)
         }
-        BackendChoice::Auto | BackendChoice::Tract => {
-            let started = std::time::Instant::now();
-            let model: Box<dyn Model> = match format {
-                ModelFormat::Onnx => Box::new(onnx::load(bytes, source, options)?),
-                ModelFormat::Tflite => Box::new(tflite::load(bytes, source, options)?),
-            };
-            tracing::info!(
-                model = source,
-                %format,
-                backend = model.info().backend,
-                load_ms = started.elapsed().as_millis() as u64,
-                "model loaded"
-            );
-            Ok(model)
+        BackendChoice::Tract => load_on_tract(bytes, source, format, options),
+        BackendChoice::Auto => {
+            let tract = load_on_tract(bytes, source, format, options);
+            // A TFLite model tract cannot load may still run on TFLite's own interpreter.
+            #[cfg(feature = "tflite")]
+            if let Err(e) = &tract
+                && format == ModelFormat::Tflite
+            {
+                tracing::warn!(model = source, error = %e, "tract cannot load this model; trying the TFLite interpreter");
+                return load_on_interpreter(bytes, source, format, options).map_err(|fallback| {
+                    tracing::warn!(model = source, error = %fallback, "the TFLite interpreter cannot load it either");
+                    tract.err().expect("tract failed")
+                });
+            }
+            tract
         }
+    }
+}
+
+fn load_on_tract(
+    bytes: &[u8],
+    source: &str,
+    format: ModelFormat,
+    options: &LoadOptions,
+) -> Result<Box<dyn Model>, InferError> {
+    let started = std::time::Instant::now();
+    let model: Box<dyn Model> = match format {
+        ModelFormat::Onnx => Box::new(onnx::load(bytes, source, options)?),
+        ModelFormat::Tflite => Box::new(tflite::load(bytes, source, options)?),
+    };
+    tracing::info!(
+        model = source,
+        %format,
+        backend = model.info().backend,
+        load_ms = started.elapsed().as_millis() as u64,
+        "model loaded"
+    );
+    Ok(model)
+}
+
+/// The TFLite interpreter, in a build with feature `tflite`; a clear error otherwise.
+fn load_on_interpreter(
+    bytes: &[u8],
+    source: &str,
+    format: ModelFormat,
+    options: &LoadOptions,
+) -> Result<Box<dyn Model>, InferError> {
+    let refuse = |detail: &str, hint: &str| {
+        Err(InferError::Load(Box::new(LoadError {
+            model: source.to_string(),
+            format,
+            backend: "tflite",
+            node: None,
+            op: None,
+            detail: detail.into(),
+            hint: hint.into(),
+        })))
+    };
+    if format != ModelFormat::Tflite {
+        return refuse(
+            "the TFLite interpreter runs only .tflite models",
+            "use --backend tract (or auto) for ONNX models",
+        );
+    }
+    #[cfg(feature = "tflite")]
+    {
+        let _ = refuse;
+        Ok(Box::new(interpreter::load(bytes, source, options)?))
+    }
+    #[cfg(not(feature = "tflite"))]
+    {
+        let _ = (bytes, options);
+        refuse(
+            "this build has no TFLite interpreter",
+            "rebuild with `--features tflite` (needs libclang-dev and clang), or use --backend tract",
+        )
     }
 }

@@ -207,6 +207,72 @@ impl Tensor {
     }
 }
 
+/// The elements as bytes in C order and native byte order: how a C++ engine holds a tensor.
+#[cfg(any(test, feature = "tflite"))]
+pub(crate) fn to_ne_bytes(t: &Tensor) -> Vec<u8> {
+    macro_rules! bytes {
+        ($a:expr) => {
+            $a.as_standard_layout()
+                .iter()
+                .flat_map(|v| v.to_ne_bytes())
+                .collect()
+        };
+    }
+    match t {
+        Tensor::F32(a) => bytes!(a),
+        Tensor::I8(a) => bytes!(a),
+        Tensor::U8(a) => bytes!(a),
+        Tensor::I16(a) => bytes!(a),
+        Tensor::I32(a) => bytes!(a),
+        Tensor::I64(a) => bytes!(a),
+        Tensor::Bool(a) => a
+            .as_standard_layout()
+            .iter()
+            .map(|&v| u8::from(v))
+            .collect(),
+    }
+}
+
+/// A tensor from bytes laid out as [`to_ne_bytes`] writes them.
+#[cfg(any(test, feature = "tflite"))]
+pub(crate) fn from_ne_bytes(dtype: DType, shape: &[usize], bytes: &[u8]) -> Result<Tensor, String> {
+    let count: usize = shape.iter().product();
+    macro_rules! parse {
+        ($variant:ident, $t:ty) => {{
+            const SIZE: usize = std::mem::size_of::<$t>();
+            if bytes.len() != count * SIZE {
+                return Err(format!(
+                    "{} bytes cannot hold {count} {} elements of shape {shape:?}",
+                    bytes.len(),
+                    dtype
+                ));
+            }
+            let values = bytes
+                .chunks_exact(SIZE)
+                .map(|c| <$t>::from_ne_bytes(c.try_into().expect("chunk of SIZE bytes")))
+                .collect();
+            ArrayD::from_shape_vec(shape, values)
+                .map(Tensor::$variant)
+                .map_err(|e| e.to_string())
+        }};
+    }
+    match dtype {
+        DType::F32 => parse!(F32, f32),
+        DType::I8 => parse!(I8, i8),
+        DType::U8 => parse!(U8, u8),
+        DType::I16 => parse!(I16, i16),
+        DType::I32 => parse!(I32, i32),
+        DType::I64 => parse!(I64, i64),
+        DType::Bool => {
+            let as_u8 = parse!(U8, u8)?;
+            let Tensor::U8(a) = as_u8 else {
+                unreachable!("parse!(U8) builds a U8 tensor")
+            };
+            Ok(Tensor::Bool(a.mapv(|v| v != 0)))
+        }
+    }
+}
+
 /// Item `i` of a batch, keeping the batch axis (size 1).
 pub(crate) fn slice_batch(t: &Tensor, i: usize) -> Tensor {
     use ndarray::{Axis, Slice};
@@ -292,5 +358,27 @@ mod tests {
         let bytes = t.to_npy_bytes();
         let err = Tensor::from_npy_bytes(&bytes[..bytes.len() - 2]).unwrap_err();
         assert!(err.contains("EOF") || err.contains("data"), "{err}");
+    }
+
+    #[test]
+    fn native_bytes_round_trip_and_wrong_lengths_are_named() {
+        let cases = [
+            Tensor::F32(ArrayD::from_shape_vec(vec![1, 2], vec![-1.5, 3.25]).unwrap()),
+            Tensor::I8(ArrayD::from_shape_vec(vec![3], vec![-128, 0, 127]).unwrap()),
+            Tensor::I16(ArrayD::from_shape_vec(vec![2], vec![-300, 300]).unwrap()),
+            Tensor::I64(ArrayD::from_shape_vec(vec![], vec![1 << 40]).unwrap()),
+            Tensor::Bool(ArrayD::from_shape_vec(vec![2], vec![true, false]).unwrap()),
+        ];
+        for t in cases {
+            let bytes = to_ne_bytes(&t);
+            assert_eq!(from_ne_bytes(t.dtype(), t.shape(), &bytes).unwrap(), t);
+            let err = from_ne_bytes(t.dtype(), t.shape(), &bytes[1..]).unwrap_err();
+            assert!(err.contains("cannot hold"), "{err}");
+        }
+        // Non-standard layouts are written in C order.
+        let transposed = ArrayD::from_shape_vec(vec![2, 2], vec![1i8, 2, 3, 4])
+            .unwrap()
+            .reversed_axes();
+        assert_eq!(to_ne_bytes(&Tensor::I8(transposed)), vec![1, 3, 2, 4]);
     }
 }

@@ -71,7 +71,7 @@ fn as_f64(t: &Tensor) -> Vec<f64> {
 }
 
 /// Runs one case; returns a line of measurements, or why it failed.
-fn check(case: &Case) -> Result<String, String> {
+fn check(case: &Case, options: &LoadOptions) -> Result<String, String> {
     let refs = repo().join("models/thirdparty/refs").join(&case.id);
     let meta: Meta = toml::from_str(
         &std::fs::read_to_string(refs.join("meta.toml")).map_err(|e| e.to_string())?,
@@ -84,7 +84,7 @@ fn check(case: &Case) -> Result<String, String> {
             path.display()
         ));
     }
-    let model = load_path(&path, &LoadOptions::default()).map_err(|e| e.to_string())?;
+    let model = load_path(&path, options).map_err(|e| e.to_string())?;
     let info = model.info().clone();
     let mut previous: Option<Vec<Tensor>> = None;
     let mut worst = vec![0.0f64; meta.output.len()];
@@ -195,7 +195,7 @@ fn third_party_models_match_their_reference_runtimes() {
     assert!(cases.case.len() >= 6, "at least six third-party models");
     let mut failures = Vec::new();
     for case in &cases.case {
-        match check(case) {
+        match check(case, &LoadOptions::default()) {
             Ok(line) => println!("ok   {line}"),
             Err(e) => {
                 println!("FAIL {}: {e}", case.id);
@@ -210,4 +210,37 @@ fn third_party_models_match_their_reference_runtimes() {
         cases.case.len(),
         failures.join("\n")
     );
+}
+
+/// The same TFLite cases on TFLite's own interpreter (feature `tflite`): every one loads and
+/// matches, int8 ones within a step of the reference kernels.
+#[cfg(feature = "tflite")]
+#[test]
+#[ignore = "needs the third-party models: python3 models/thirdparty/fetch.py"]
+fn third_party_tflite_models_on_the_tflite_interpreter() {
+    let cases: Cases = toml::from_str(
+        &std::fs::read_to_string(repo().join("models/thirdparty/cases.toml")).unwrap(),
+    )
+    .unwrap();
+    let options = LoadOptions {
+        backend: cascade_infer::BackendChoice::Tflite,
+        ..LoadOptions::default()
+    };
+    let tflite: Vec<&Case> = cases
+        .case
+        .iter()
+        .filter(|c| c.file.ends_with(".tflite"))
+        .collect();
+    assert!(tflite.len() >= 4, "TFLite cases in cases.toml");
+    let mut failures = Vec::new();
+    for case in tflite {
+        match check(case, &options) {
+            Ok(line) => println!("ok   {line}"),
+            Err(e) => {
+                println!("FAIL {}: {e}", case.id);
+                failures.push(format!("{}: {e}", case.id));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -103,6 +103,71 @@ pub(crate) fn translate(bytes: &[u8]) -> Result<Translated, FrontendError> {
     })
 }
 
+/// What an engine that runs the file itself (the TFLite interpreter) needs to know of it.
+#[cfg_attr(not(feature = "tflite"), allow(dead_code))]
+pub(crate) struct Declared {
+    /// The first subgraph's inputs as the file declares them (names, element types, shapes,
+    /// quantization), without translating any operator.
+    pub inputs: Vec<TensorSpec>,
+    /// Its outputs, likewise.
+    pub outputs: Vec<TensorSpec>,
+    /// The first FULLY_CONNECTED node (named by its output) with per-channel weight scales, if
+    /// any. TFLite runtimes older than TF 2.14's read only the first scale of such weights and
+    /// compute wrong results without an error, so an old interpreter must refuse the model.
+    pub per_channel_fully_connected: Option<String>,
+}
+
+/// Reads what [`Declared`] holds from TFLite flatbuffer bytes.
+#[cfg_attr(not(feature = "tflite"), allow(dead_code))]
+pub(crate) fn describe(bytes: &[u8]) -> Result<Declared, String> {
+    let root = fb::root_as_model(bytes)
+        .map_err(|e| format!("not a valid TFLite flatbuffer (corrupt or truncated?): {e}"))?;
+    let graph = root
+        .subgraphs()
+        .filter(|g| !g.is_empty())
+        .ok_or("the model has no subgraph")?
+        .get(0);
+    let frontend = Frontend {
+        root,
+        graph,
+        target: TypedModel::default(),
+        wires: HashMap::new(),
+    };
+    let specs = |ixs: Vec<i32>| -> Result<Vec<TensorSpec>, String> {
+        ixs.into_iter()
+            .map(|ix| frontend.declared_spec(ix).map_err(|e| e.to_string()))
+            .collect()
+    };
+    let inputs = graph
+        .inputs()
+        .map(|v| v.iter().collect())
+        .unwrap_or_default();
+    let outputs = graph
+        .outputs()
+        .map(|v| v.iter().collect())
+        .unwrap_or_default();
+    let per_channel_fully_connected = graph
+        .operators()
+        .into_iter()
+        .flatten()
+        .find(|op| {
+            frontend.opcode(op) == BuiltinOperator::FULLY_CONNECTED
+                && op
+                    .inputs()
+                    .and_then(|i| i.iter().nth(1))
+                    .and_then(|w| frontend.tensor(w).ok())
+                    .and_then(|w| w.quantization())
+                    .and_then(|q| q.scale())
+                    .is_some_and(|scales| scales.len() > 1)
+        })
+        .map(|op| frontend.op_name(&op));
+    Ok(Declared {
+        inputs: specs(inputs)?,
+        outputs: specs(outputs)?,
+        per_channel_fully_connected,
+    })
+}
+
 /// Stride, dilation and padding of a convolution.
 #[derive(Debug, Clone, Copy)]
 struct ConvGeometry {
@@ -390,13 +455,25 @@ impl<'m> Frontend<'m> {
         Ok(self.target.wire_node(name, op, inputs)?[0])
     }
 
+    /// Tensor `ix` as the file declares it.
+    fn declared_spec(&self, ix: i32) -> TractResult<TensorSpec> {
+        let fact = self.dt(ix)?.fact(self.shape(ix)?);
+        let mut spec = crate::tract::spec_from_fact(&self.tensor_name(ix), &fact)?;
+        spec.quantization = self.quant_params(ix)?;
+        Ok(spec)
+    }
+
+    fn quant_params(&self, ix: i32) -> TractResult<Option<QuantParams>> {
+        Ok(self.q(ix)?.map(|q| QuantParams {
+            scale: q.scale,
+            zero_point: q.zero_point,
+        }))
+    }
+
     fn spec(&self, ix: i32, wire: OutletId) -> TractResult<TensorSpec> {
         let mut spec =
             crate::tract::spec_from_fact(&self.tensor_name(ix), self.target.outlet_fact(wire)?)?;
-        spec.quantization = self.q(ix)?.map(|q| QuantParams {
-            scale: q.scale,
-            zero_point: q.zero_point,
-        });
+        spec.quantization = self.quant_params(ix)?;
         Ok(spec)
     }
 

@@ -4,6 +4,9 @@ mod frontend;
 mod qkernels;
 mod rescale;
 
+#[cfg(feature = "tflite")]
+pub(crate) use frontend::describe;
+
 use tract_core::internal::*;
 
 use crate::error::{InferError, LoadError};
