@@ -358,6 +358,43 @@ def testdata(edge, calibration):
     (out / "unsupported-op.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(cumsum).convert())
     interpreter_only(out)
     per_tensor_tflite(edge, out / "digits-edge.int8.per-tensor.tflite", calibration)
+    qlinear_matmul(out)
+
+
+def qlinear_matmul(out):
+    """QLinearMatMul with uint8 activations, int8 weights with per-column scales and zero points,
+    a rank-3 input, and values that land on rounding ties: once with constant weights (Cascade's
+    integer kernel) and once with the weights as an input (tract's own translation), with
+    onnxruntime's outputs to match exactly."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(SEED)
+    # Small values and scales whose products are 2^-1 to 2^-3: many accumulators land on .5 ties.
+    a = rng.integers(0, 12, size=(2, 3, 4), dtype=np.uint8)
+    b = rng.integers(-9, 10, size=(4, 5), dtype=np.int8)
+    consts = [
+        init("a_scale", np.array(0.5, np.float32)),
+        init("a_zero_point", np.array(3, np.uint8)),
+        init("b_scale", np.array([0.25, 0.125, 0.0625, 0.25, 0.125], np.float32)),
+        init("b_zero_point", np.array([0, 1, -2, 0, 3], np.int8)),
+        init("y_scale", np.array(0.25, np.float32)),
+        init("y_zero_point", np.array(128, np.uint8)),
+    ]
+    names = ["a", "a_scale", "a_zero_point", "b", "b_scale", "b_zero_point", "y_scale", "y_zero_point"]
+    node = helper.make_node("QLinearMatMul", names, ["y"])
+    a_info = helper.make_tensor_value_info("a", TensorProto.UINT8, [2, 3, 4])
+    y_info = helper.make_tensor_value_info("y", TensorProto.UINT8, [2, 3, 5])
+    dest = out / "qlinear"
+    dest.mkdir(exist_ok=True)
+    constant = helper.make_graph([node], "qlinear-const", [a_info], [y_info], consts + [init("b", b)])
+    save_onnx(constant, dest / "const-weights.onnx", "cascade models/generate.py")
+    b_info = helper.make_tensor_value_info("b", TensorProto.INT8, [4, 5])
+    dynamic = helper.make_graph([node], "qlinear-input", [a_info, b_info], [y_info], consts)
+    save_onnx(dynamic, dest / "input-weights.onnx", "cascade models/generate.py")
+    y = ort.InferenceSession(str(dest / "const-weights.onnx"), providers=["CPUExecutionProvider"]).run(None, {"a": a})[0]
+    np.save(dest / "a.npy", a)
+    np.save(dest / "b.npy", b)
+    np.save(dest / "y.npy", y)
 
 
 def per_tensor_tflite(edge, path, calibration):

@@ -20,6 +20,8 @@
 //!   retry.
 //! - `tflite` *(private)*: TFLite on tract through Cascade's own frontend (QUANTIZE, DEQUANTIZE,
 //!   int8 with requantization, fp16 weights), falling back to stock tract-tflite.
+//! - `qkernels` *(private)*: integer kernels (fully-connected, convolution, add, mul) with exact
+//!   requantization, TFLite's fixed-point or ONNX's float, which both frontends put into tract.
 //! - `tract` *(private)*: what the tract backends share.
 //! - `interpreter` *(private, feature `tflite`)*: TFLite models on the TensorFlow Lite
 //!   interpreter itself (the `tflite` crate): the bit-exact fallback for models tract cannot load.
@@ -40,6 +42,7 @@ mod gpu;
 #[cfg(feature = "tflite")]
 mod interpreter;
 mod onnx;
+mod qkernels;
 mod tflite;
 mod tract;
 

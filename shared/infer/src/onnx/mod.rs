@@ -13,6 +13,7 @@
 //!   intermediate `value_info` and output shapes/types, which some exporters get wrong.
 
 mod if_fold;
+mod qlinear;
 
 use std::sync::{Arc, Mutex};
 
@@ -211,10 +212,11 @@ impl OnnxModel {
         }
         let attempt = |relaxed: bool| {
             guard("tract-onnx", || {
-                let onnx = onnx()
+                let mut onnx = onnx()
                     .with_ignore_output_shapes(true)
                     .with_ignore_value_info(relaxed)
                     .with_ignore_output_types(relaxed);
+                qlinear::register(&mut onnx);
                 let mut model = onnx.model_for_proto_model(&proto)?;
                 for (ix, fact) in facts.iter().enumerate() {
                     model.set_input_fact(ix, fact.clone())?;

@@ -30,9 +30,9 @@ use tract_tflite::tflite::{
     self as fb, ActivationFunctionType, BuiltinOperator, Padding, TensorType,
 };
 
-use super::qkernels::{Channels, IntOutput, Operand, QAdd, QConv, QFullyConnected, QMul};
 use super::rescale::{Affine, Rescale};
 use crate::model::{QuantParams, TensorSpec};
+use crate::qkernels::{Channels, IntOutput, Operand, QAdd, QConv, QFullyConnected, QMul};
 
 /// Why a model could not be translated: which node (named by its first output tensor), which
 /// operator, and what was wrong.

@@ -1,7 +1,6 @@
 //! TFLite models on tract: Cascade's own frontend first, stock tract-tflite as a fallback.
 
 mod frontend;
-mod qkernels;
 mod rescale;
 
 #[cfg(feature = "tflite")]

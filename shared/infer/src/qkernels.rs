@@ -77,6 +77,29 @@ impl Multiplier {
     }
 }
 
+/// How accumulators become output integers: TFLite's fixed-point multiplier, or ONNX Runtime's
+/// `f32` scale rounded half to even (`MlasRequantizeOutput`), each bit-exact with its runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Requantize {
+    /// TFLite: [`Multiplier::apply`].
+    FixedPoint(Multiplier),
+    /// ONNX Runtime: `round_ties_even(acc as f32 * scale)`; the scale's bits, for `Hash`.
+    Float(u32),
+}
+
+impl Requantize {
+    #[inline]
+    fn apply(self, acc: i32) -> i32 {
+        match self {
+            Requantize::FixedPoint(m) => m.apply(acc),
+            // Saturating: far out of range either way, and clamped to the output type after.
+            Requantize::Float(bits) => {
+                ((acc as f32) * f32::from_bits(bits)).round_ties_even() as i32
+            }
+        }
+    }
+}
+
 fn saturating_rounding_doubling_high_mul(a: i32, b: i32) -> i32 {
     if a == i32::MIN && b == i32::MIN {
         return i32::MAX;
@@ -171,7 +194,7 @@ pub(crate) struct Channels {
     /// The bias; with non-zero weight zero points also `-w_zp[o] * sum(x - x_zp)` at run time.
     bias: Vec<i32>,
     weight_zero_points: Option<Vec<i32>>,
-    multipliers: Vec<Multiplier>,
+    multipliers: Vec<Requantize>,
 }
 
 impl Channels {
@@ -217,9 +240,9 @@ impl Channels {
         }
         let multipliers = (0..outputs)
             .map(|o| {
-                Multiplier::new(
+                Requantize::FixedPoint(Multiplier::new(
                     f64::from(x_scale) * f64::from(pick(w_scales, o)) / f64::from(y_scale),
-                )
+                ))
             })
             .collect();
         let weight_zero_points = (0..outputs)
@@ -234,6 +257,25 @@ impl Channels {
             weight_zero_points,
             multipliers,
         })
+    }
+
+    /// The same channels requantized as ONNX Runtime does: by `x_scale * w_scale / y_scale`
+    /// computed in `f32` in that order, rounded half to even.
+    pub(crate) fn with_float_requantization(
+        mut self,
+        x_scale: f32,
+        w_scales: &[f32],
+        y_scale: f32,
+    ) -> Self {
+        for (o, m) in self.multipliers.iter_mut().enumerate() {
+            let w = if w_scales.len() == 1 {
+                w_scales[0]
+            } else {
+                w_scales[o]
+            };
+            *m = Requantize::Float((x_scale * w / y_scale).to_bits());
+        }
+        self
     }
 
     /// Accumulates `(x[k] - x_zp) * w[k][..]` for input values `x` at depth offsets
