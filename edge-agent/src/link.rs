@@ -18,7 +18,6 @@ use cascade_proto::{Limits, Message, decode, encode};
 use rumqttc::v5::MqttOptions;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -118,10 +117,6 @@ struct Link {
     outbox: std::collections::VecDeque<Outgoing>,
     /// When each awaited escalation was last handed to the client.
     last_sent: std::collections::HashMap<Uuid, std::time::Instant>,
-    /// The spool's disk flush running on a blocking thread, and the inputs it settles.
-    disk_flush: Option<(JoinHandle<std::io::Result<()>>, Vec<Settled>)>,
-    /// Inputs whose escalations were written after the running disk flush began.
-    awaiting_flush: Vec<Settled>,
 }
 
 impl Link {
@@ -186,16 +181,10 @@ impl Link {
                 bytes,
                 settled,
             } => {
-                // Written now, published next, flushed to the disk meanwhile (start_disk_flush).
-                match self.spool.push_unflushed(id, header, &bytes) {
+                match self.spool.push(id, header, &bytes) {
                     Ok(dropped) => {
+                        settle(settled);
                         let refused = dropped.iter().any(|d| d.entry.id == id);
-                        match settled {
-                            Some(s) if !refused && self.spool.has_unflushed() => {
-                                self.awaiting_flush.push(s);
-                            }
-                            s => settle(s),
-                        }
                         self.report_dropped(dropped).await;
                         if refused {
                             return;
@@ -220,41 +209,6 @@ impl Link {
                 retain,
                 properties: None,
             }),
-        }
-    }
-
-    /// Starts flushing the spool on a blocking thread, unless a flush is running: escalations are
-    /// published while the disk catches up, and their inputs settled when it has.
-    fn start_disk_flush(&mut self) {
-        if self.disk_flush.is_some() {
-            return;
-        }
-        match self.spool.flusher() {
-            Ok(Some(flusher)) => {
-                let settles = std::mem::take(&mut self.awaiting_flush);
-                let flush = tokio::task::spawn_blocking(move || flusher.flush());
-                self.disk_flush = Some((flush, settles));
-            }
-            // A later flushing write (a verdict's applied mark) covered them.
-            Ok(None) => self.awaiting_flush.drain(..).for_each(|s| settle(Some(s))),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot flush the spool on another thread; flushing here");
-                let flushed = self.spool.flush_now();
-                let settles = std::mem::take(&mut self.awaiting_flush);
-                self.disk_flushed(flushed, settles);
-            }
-        }
-    }
-
-    /// Settles the inputs a finished disk flush covered; after a failed flush they stay
-    /// unsettled (a watched directory keeps their files until the next start).
-    fn disk_flushed(&mut self, flushed: std::io::Result<()>, settles: Vec<Settled>) {
-        match flushed {
-            Ok(()) => settles.into_iter().for_each(|s| settle(Some(s))),
-            Err(e) => {
-                bump(&self.stats.errors);
-                tracing::error!(error = %e, inputs = settles.len(), "cannot flush the escalation spool; their inputs stay unsettled");
-            }
         }
     }
 
@@ -469,8 +423,6 @@ pub async fn run(
         current_policy: 0,
         outbox: Default::default(),
         last_sent: Default::default(),
-        disk_flush: None,
-        awaiting_flush: Vec::new(),
     };
     let mut subscriptions: Vec<String> = [Channel::Verdict, Channel::Policy]
         .map(|c| topic(&link.settings, c))
@@ -492,19 +444,8 @@ pub async fn run(
         if connected {
             link.flush(&session);
         }
-        link.start_disk_flush();
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            Some(joined) = async {
-                match link.disk_flush.as_mut() {
-                    Some((flush, _)) => Some(flush.await),
-                    None => None,
-                }
-            }, if link.disk_flush.is_some() => {
-                let settles = link.disk_flush.take().map(|(_, s)| s).unwrap_or_default();
-                let flushed = joined.unwrap_or_else(|e| Err(std::io::Error::other(e)));
-                link.disk_flushed(flushed, settles);
-            }
             Some(command) = commands.recv(), if link.outbox.len() < 1024 => link.command(command).await,
             _ = retry.tick(), if connected => link.retry_late(),
             _ = expiry.tick() => {
@@ -558,15 +499,6 @@ pub async fn run(
     while let Ok(command) = commands.try_recv() {
         link.command(command).await;
     }
-    if let Some((flush, settles)) = link.disk_flush.take() {
-        let flushed = flush
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        link.disk_flushed(flushed, settles);
-    }
-    let flushed = link.spool.flush_now();
-    let settles = std::mem::take(&mut link.awaiting_flush);
-    link.disk_flushed(flushed, settles);
     link.flush(&session);
     // Leave cleanly: say we are offline (the will is only sent on an unclean loss) and disconnect.
     session.try_publish(&topic(&link.settings, Channel::Status), true, offline, None);
@@ -575,114 +507,4 @@ pub async fn run(
         spooled = link.spool.len(),
         "link stopped; spooled escalations are kept for the next start"
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use cascade_proto::status::{Counters, Presence};
-    use tokio::sync::oneshot;
-
-    use super::*;
-
-    fn link(spool: Spool) -> Link {
-        let (results, _) = mpsc::channel(16);
-        let (policies, _) = watch::channel(None);
-        let settings = LinkSettings {
-            fleet: "fleet".into(),
-            device: "dev-1".into(),
-            group: None,
-            options: MqttOptions::new("dev-1", "127.0.0.1", 1883),
-            protocol: Protocol::V5,
-            message_expiry_s: 60,
-            verdict_timeout: Duration::from_secs(60),
-            retry_after: Duration::from_secs(5),
-            offline_status: DeviceStatus {
-                device: "dev-1".into(),
-                presence: Presence::Offline,
-                agent_version: "0".into(),
-                model: None,
-                policy_sequence: 0,
-                counters: Counters::default(),
-                uptime_s: 0,
-                at_ms: 0,
-            },
-            limits: Limits::default(),
-        };
-        Link {
-            settings,
-            spool,
-            keyring: Keyring::new(),
-            outputs: LinkOutputs {
-                results,
-                policies,
-                ota: None,
-            },
-            stats: Arc::default(),
-            current_policy: 0,
-            outbox: Default::default(),
-            last_sent: Default::default(),
-            disk_flush: None,
-            awaiting_flush: Vec::new(),
-        }
-    }
-
-    fn escalate(n: u128, settled: Settled) -> LinkCommand {
-        LinkCommand::Escalate {
-            id: Uuid::from_u128(n),
-            header: Header {
-                input: format!("input-{n}"),
-                created_ms: 1,
-                edge_class: 3,
-                edge_confidence: 0.4,
-            },
-            bytes: b"escalation".to_vec(),
-            settled: Some(settled),
-        }
-    }
-
-    #[tokio::test]
-    async fn an_escalation_is_sent_at_once_and_its_input_settled_after_the_disk_flush() {
-        let dir = tempfile::tempdir().unwrap();
-        let (spool, _) = Spool::open(dir.path(), 1 << 20, true).unwrap();
-        let mut link = link(spool);
-        let (first, mut first_done) = oneshot::channel();
-        link.command(escalate(1, first)).await;
-        assert_eq!(
-            link.outbox.len(),
-            1,
-            "queued for the broker before the flush"
-        );
-        assert!(first_done.try_recv().is_err(), "settled before the flush");
-
-        link.start_disk_flush();
-        // Written while that flush runs: waits for the next one.
-        let (second, mut second_done) = oneshot::channel();
-        link.command(escalate(2, second)).await;
-        let (flush, settles) = link.disk_flush.take().expect("a flush is running");
-        link.disk_flushed(flush.await.unwrap(), settles);
-        first_done.try_recv().expect("settled once flushed");
-        assert!(
-            second_done.try_recv().is_err(),
-            "the second awaits its own flush"
-        );
-
-        link.start_disk_flush();
-        let (flush, settles) = link.disk_flush.take().expect("the second flush");
-        link.disk_flushed(flush.await.unwrap(), settles);
-        second_done.try_recv().expect("settled once flushed");
-        link.start_disk_flush();
-        assert!(link.disk_flush.is_none(), "nothing left to flush");
-    }
-
-    #[tokio::test]
-    async fn without_fsync_an_input_is_settled_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let (spool, _) = Spool::open(dir.path(), 1 << 20, false).unwrap();
-        let mut link = link(spool);
-        let (settled, mut done) = oneshot::channel();
-        link.command(escalate(1, settled)).await;
-        done.try_recv().expect("nothing to wait for");
-        link.start_disk_flush();
-        assert!(link.disk_flush.is_none());
-    }
 }

@@ -11,7 +11,7 @@
 //!  record*   u32 LE body length || u32 LE CRC-32C of the body || body
 //!  body      kind u8 || escalation id (16 bytes) || for kind 1:
 //!            u64 LE seq || u32 LE header length || header JSON || encoded escalation
-//!  kind 1    escalation: appended before it is published, flushed while it travels
+//!  kind 1    escalation: appended and flushed before it is published
 //!  kind 2    applied: appended and flushed before its verdict's result is published; the
 //!            escalation leaves, and a verdict redelivered later is recognised
 //!  kind 3    forgotten: the escalation left without a verdict (spool full, expired, unreadable)
@@ -21,15 +21,9 @@
 //! costs one `fdatasync`; a new file costs a flush, a rename and a flush of the directory. On this
 //! project's test VM that is about 110 µs against 320 µs, paid on every escalation's round trip.
 //!
-//! An escalation is published as soon as it is written, and the disk flush runs meanwhile on
-//! another thread ([`Spool::push_unflushed`], [`Flusher`]): the flush costs the round trip nothing.
-//! Its input is settled (a watched directory's file removed) only once the flush has returned, and
-//! a verdict is applied only after a flush that covers its escalation too, so the only thing a
-//! power loss in that window can do is lose an escalation that was already sent; its input is then
-//! offered again and escalated anew, and the lost one's verdict is counted as unknown.
-//!
 //! A power loss during an append leaves a torn last record. Opening finds it (its length runs past
-//! the end, or its checksum is wrong) and cuts the journal there. Records no longer needed (answered escalations, applied ids
+//! the end, or its checksum is wrong) and cuts the journal there; that append had not returned, so
+//! the escalation was never published. Records no longer needed (answered escalations, applied ids
 //! beyond the last [`APPLIED_MEMORY`]) are dropped by rewriting the journal once they exceed a slack
 //! of a few MiB. A spool left by an agent that kept one file per escalation is imported on open.
 //!
@@ -146,8 +140,6 @@ pub struct Spool {
     end: u64,
     max_bytes: u64,
     fsync: bool,
-    /// Records were written since the journal was last flushed ([`Spool::push_unflushed`]).
-    unflushed: bool,
     compact_slack: u64,
     /// Added to the slack after a failed rewrite, so the next try waits for more changes.
     compact_backoff: u64,
@@ -157,19 +149,6 @@ pub struct Spool {
     next_seq: u64,
     applied: HashSet<Uuid>,
     applied_order: VecDeque<Uuid>,
-}
-
-/// Flushes the journal as it was when [`Spool::flusher`] made it, on whichever thread runs it.
-/// After a rewrite of the journal it flushes the old file, harmlessly: the rewrite flushed the new
-/// one itself.
-#[derive(Debug)]
-pub struct Flusher(File);
-
-impl Flusher {
-    /// Waits for the disk (`fdatasync`). Blocking.
-    pub fn flush(self) -> io::Result<()> {
-        self.0.sync_data()
-    }
 }
 
 /// Appends one framed record to `out`; returns where its body's `parts` start, relative to `out`.
@@ -239,7 +218,6 @@ impl Spool {
             end: MAGIC.len() as u64,
             max_bytes,
             fsync,
-            unflushed: false,
             compact_slack: COMPACT_SLACK,
             compact_backoff: 0,
             entries: BTreeMap::new(),
@@ -458,12 +436,6 @@ impl Spool {
             return Err(e);
         }
         self.end += bytes.len() as u64;
-        if flush {
-            // One fdatasync covers every record before this one too.
-            self.unflushed = false;
-        } else if self.fsync {
-            self.unflushed = true;
-        }
         Ok(())
     }
 
@@ -573,7 +545,6 @@ impl Spool {
         fs::rename(&tmp, self.dir.join(JOURNAL))?;
         // From here on the new file is the journal, whatever the directory flush says.
         self.file = file;
-        self.unflushed = false;
         self.end = at;
         for (seq, new_at) in moved {
             let entry = self.entries.get_mut(&seq).expect("moved entries exist");
@@ -589,55 +560,6 @@ impl Spool {
         id: Uuid,
         header: Header,
         escalation: &[u8],
-    ) -> io::Result<Vec<Dropped>> {
-        self.push_with(id, header, escalation, self.fsync)
-    }
-
-    /// Stores an escalation without waiting for the disk: it is in the journal (and read back
-    /// after a crash of the process), but survives a power loss only once [`Spool::flusher`]'s
-    /// flush, or any later flushing change, has returned. This lets the link publish the
-    /// escalation while the disk flush runs on another thread, taking the flush out of the round
-    /// trip. Returns the entries dropped to make room.
-    pub fn push_unflushed(
-        &mut self,
-        id: Uuid,
-        header: Header,
-        escalation: &[u8],
-    ) -> io::Result<Vec<Dropped>> {
-        self.push_with(id, header, escalation, false)
-    }
-
-    /// A handle that flushes everything written so far, to run off the async threads; `None`
-    /// when nothing awaits a flush (or the spool does not flush at all).
-    pub fn flusher(&mut self) -> io::Result<Option<Flusher>> {
-        if !self.unflushed {
-            return Ok(None);
-        }
-        let file = self.file.try_clone()?;
-        self.unflushed = false;
-        Ok(Some(Flusher(file)))
-    }
-
-    /// Whether some records await a flush: [`Spool::flusher`] would return one.
-    pub fn has_unflushed(&self) -> bool {
-        self.unflushed
-    }
-
-    /// Flushes what awaits a flush, on this thread. After an error the records are still
-    /// written but not known to be on the disk; they are not flushed again.
-    pub fn flush_now(&mut self) -> io::Result<()> {
-        if !std::mem::take(&mut self.unflushed) {
-            return Ok(());
-        }
-        self.file.sync_data()
-    }
-
-    fn push_with(
-        &mut self,
-        id: Uuid,
-        header: Header,
-        escalation: &[u8],
-        flush: bool,
     ) -> io::Result<Vec<Dropped>> {
         let (record, entry) = encode_escalation(self.next_seq, id, header, escalation)?;
         if entry.size > self.max_bytes {
@@ -661,7 +583,7 @@ impl Spool {
         }
         let entry = entry.placed_at(self.end + batch.len() as u64);
         batch.extend_from_slice(&record);
-        self.write_at_end(&batch, flush)?;
+        self.append(&batch)?;
         self.next_seq += 1;
         let dropped = self.take_dropped(leaving, DropReason::Full);
         self.insert(entry);
@@ -831,41 +753,6 @@ mod tests {
         s.push(id(4), header("d", 4), b"four").unwrap();
         assert_eq!(s.ids(), vec![id(1), id(2), id(4)]);
         assert_eq!(s.read(&id(4)).unwrap().unwrap(), b"four");
-    }
-
-    #[test]
-    fn an_unflushed_escalation_waits_for_its_flusher_or_a_later_flushing_write() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut s, _) = Spool::open(dir.path(), 1 << 20, true).unwrap();
-        assert!(s.flusher().unwrap().is_none(), "nothing written yet");
-        s.push_unflushed(id(1), header("a", 1), b"one").unwrap();
-        assert!(s.has_unflushed());
-        // Written at once: a process that dies now finds it (only power loss needs the flush).
-        assert_eq!(s.read(&id(1)).unwrap(), Some(b"one".to_vec()));
-        let flusher = s.flusher().unwrap().expect("the escalation awaits a flush");
-        assert!(!s.has_unflushed() && s.flusher().unwrap().is_none());
-        std::thread::spawn(move || flusher.flush())
-            .join()
-            .unwrap()
-            .unwrap();
-
-        // A flushing write (a verdict's applied mark) covers what was written before it.
-        s.push_unflushed(id(2), header("b", 2), b"two").unwrap();
-        s.complete(id(1)).unwrap();
-        assert!(!s.has_unflushed());
-        s.push_unflushed(id(3), header("c", 3), b"three").unwrap();
-        s.flush_now().unwrap();
-        assert!(!s.has_unflushed());
-        drop(s);
-        let (s, corrupt) = Spool::open(dir.path(), 1 << 20, true).unwrap();
-        assert!(corrupt.is_empty());
-        assert_eq!(s.ids(), vec![id(2), id(3)]);
-
-        // A spool that does not flush never has anything awaiting a flush.
-        let other = tempfile::tempdir().unwrap();
-        let (mut s, _) = Spool::open(other.path(), 1 << 20, false).unwrap();
-        s.push_unflushed(id(4), header("d", 4), b"four").unwrap();
-        assert!(!s.has_unflushed() && s.flusher().unwrap().is_none());
     }
 
     #[test]
