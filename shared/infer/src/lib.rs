@@ -84,21 +84,19 @@ pub fn load_bytes(
             gpu::load(bytes, source, format, options)
         }
         BackendChoice::Tract => load_on_tract(bytes, source, format, options),
-        BackendChoice::Auto => {
-            let tract = load_on_tract(bytes, source, format, options);
-            // A TFLite model tract cannot load may still run on TFLite's own interpreter.
+        BackendChoice::Auto => match load_on_tract(bytes, source, format, options) {
+            // A TFLite model tract cannot load may still run on TFLite's own interpreter; if not,
+            // tract's error is the one to report (it names the node and operator).
             #[cfg(feature = "tflite")]
-            if let Err(e) = &tract
-                && format == ModelFormat::Tflite
-            {
-                tracing::warn!(model = source, error = %e, "tract cannot load this model; trying the TFLite interpreter");
-                return load_on_interpreter(bytes, source, format, options).map_err(|fallback| {
+            Err(tract) if format == ModelFormat::Tflite => {
+                tracing::warn!(model = source, error = %tract, "tract cannot load this model; trying the TFLite interpreter");
+                load_on_interpreter(bytes, source, format, options).map_err(|fallback| {
                     tracing::warn!(model = source, error = %fallback, "the TFLite interpreter cannot load it either");
-                    tract.err().expect("tract failed")
-                });
+                    tract
+                })
             }
-            tract
-        }
+            loaded => loaded,
+        },
     }
 }
 
