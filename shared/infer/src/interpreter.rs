@@ -2,9 +2,10 @@
 //!
 //! The `tflite` crate builds TensorFlow Lite's C++ runtime from the sources it vendors (a 2020
 //! snapshot: it has DEPTH_TO_SPACE and resource variables, not CUMSUM) and runs the file with
-//! TFLite's own kernels, bit-exact with LiteRT's reference kernels on the models we test. It is
-//! slower than tract on int8 (docs/models.md), so `auto` uses it only for a model tract cannot
-//! load, and `--backend tflite` asks for it outright.
+//! TFLite's own kernels: on the int8 models we test, as LiteRT's reference kernels compute them
+//! (within one step on one of them, as tract). It is much slower than tract on int8
+//! (docs/models.md), so `auto` uses it only for a model tract cannot load, and `--backend tflite`
+//! asks for it outright.
 //!
 //! Being older than today's converters, it misreads one thing they write without failing:
 //! per-channel scales of FULLY_CONNECTED weights (TF 2.14+). Such models are refused by name.
