@@ -1,9 +1,12 @@
-//! Integer kernels with TFLite's exact requantization arithmetic.
+//! Integer kernels with exact requantization: TFLite's fixed-point arithmetic (the TFLite
+//! frontend), or ONNX Runtime's `f32` scale rounded half to even ([`Requantize::Float`], for ONNX
+//! `QLinearMatMul`).
 //!
 //! tract 0.23's int8 matrix products are correct but slow on the small shapes microcontroller-class
 //! models are made of (a 640×128 int8 fully-connected layer took over a millisecond: measured with
 //! `edge-agent bench --profile`), and they requantize with their own rounding. These kernels are
-//! written for those shapes and reproduce the TFLite reference kernels bit for bit:
+//! written for those shapes and reproduce the TFLite reference kernels bit for bit (or, with float
+//! requantization, onnxruntime):
 //!
 //! - accumulation in `i32` of `(x - x_zero_point) * (w - w_zero_point)`, plus the `i32` bias;
 //! - requantization by a fixed-point multiplier and shift (`QuantizeMultiplier`,

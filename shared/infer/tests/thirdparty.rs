@@ -185,17 +185,19 @@ fn check(case: &Case, options: &LoadOptions) -> Result<String, String> {
     ))
 }
 
-#[test]
-#[ignore = "needs the third-party models: python3 models/thirdparty/fetch.py"]
-fn third_party_models_match_their_reference_runtimes() {
+fn cases() -> Vec<Case> {
     let cases: Cases = toml::from_str(
         &std::fs::read_to_string(repo().join("models/thirdparty/cases.toml")).unwrap(),
     )
     .unwrap();
-    assert!(cases.case.len() >= 6, "at least six third-party models");
+    cases.case
+}
+
+/// Checks every case with `options`, printing a line each; fails listing those that did not pass.
+fn check_all(cases: &[&Case], options: &LoadOptions) {
     let mut failures = Vec::new();
-    for case in &cases.case {
-        match check(case, &LoadOptions::default()) {
+    for case in cases {
+        match check(case, options) {
             Ok(line) => println!("ok   {line}"),
             Err(e) => {
                 println!("FAIL {}: {e}", case.id);
@@ -207,9 +209,17 @@ fn third_party_models_match_their_reference_runtimes() {
         failures.is_empty(),
         "{} of {} failed:\n{}",
         failures.len(),
-        cases.case.len(),
+        cases.len(),
         failures.join("\n")
     );
+}
+
+#[test]
+#[ignore = "needs the third-party models: python3 models/thirdparty/fetch.py"]
+fn third_party_models_match_their_reference_runtimes() {
+    let cases = cases();
+    assert!(cases.len() >= 6, "at least six third-party models");
+    check_all(&cases.iter().collect::<Vec<_>>(), &LoadOptions::default());
 }
 
 /// The same TFLite cases on TFLite's own interpreter (feature `tflite`): every one loads and
@@ -218,29 +228,15 @@ fn third_party_models_match_their_reference_runtimes() {
 #[test]
 #[ignore = "needs the third-party models: python3 models/thirdparty/fetch.py"]
 fn third_party_tflite_models_on_the_tflite_interpreter() {
-    let cases: Cases = toml::from_str(
-        &std::fs::read_to_string(repo().join("models/thirdparty/cases.toml")).unwrap(),
-    )
-    .unwrap();
-    let options = LoadOptions {
-        backend: cascade_infer::BackendChoice::Tflite,
-        ..LoadOptions::default()
-    };
+    let cases = cases();
     let tflite: Vec<&Case> = cases
-        .case
         .iter()
         .filter(|c| c.file.ends_with(".tflite"))
         .collect();
     assert!(tflite.len() >= 4, "TFLite cases in cases.toml");
-    let mut failures = Vec::new();
-    for case in tflite {
-        match check(case, &options) {
-            Ok(line) => println!("ok   {line}"),
-            Err(e) => {
-                println!("FAIL {}: {e}", case.id);
-                failures.push(format!("{}: {e}", case.id));
-            }
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let options = LoadOptions {
+        backend: cascade_infer::BackendChoice::Tflite,
+        ..LoadOptions::default()
+    };
+    check_all(&tflite, &options);
 }

@@ -96,20 +96,8 @@ impl Expansion for ConstQLinearMatMul {
                 .clone()
                 .with_context(|| format!("QLinearMatMul input {i} is not constant"))
         };
-        let floats = |i: usize| -> TractResult<Vec<f32>> {
-            Ok(konst(i)?
-                .cast_to::<f32>()?
-                .try_as_plain_ram()?
-                .as_slice::<f32>()?
-                .to_vec())
-        };
-        let ints = |i: usize| -> TractResult<Vec<i32>> {
-            Ok(konst(i)?
-                .cast_to::<i32>()?
-                .try_as_plain_ram()?
-                .as_slice::<i32>()?
-                .to_vec())
-        };
+        let floats = |i: usize| values::<f32>(&*konst(i)?);
+        let ints = |i: usize| values::<i32>(&*konst(i)?);
         let single = |v: Vec<f32>, what: &str| -> TractResult<f32> {
             ensure!(v.len() == 1, "QLinearMatMul {what} must be one value");
             Ok(v[0])
@@ -185,4 +173,12 @@ impl Expansion for ConstQLinearMatMul {
             &y,
         )
     }
+}
+
+/// A constant's values converted to `T`, in order.
+fn values<T: Datum + Copy>(t: &Tensor) -> TractResult<Vec<T>> {
+    Ok(t.cast_to::<T>()?
+        .try_as_plain_ram()?
+        .as_slice::<T>()?
+        .to_vec())
 }
