@@ -133,26 +133,37 @@ pub(crate) struct IntOutput {
 }
 
 impl IntOutput {
-    fn store(&self, values: Vec<i32>, shape: &[usize]) -> TractResult<Tensor> {
-        let clamp = |v: i32| v.clamp(self.min, self.max);
-        Ok(match self.dt {
-            DatumType::I8 => ArrayD::from_shape_vec(
-                IxDyn(shape),
-                values.into_iter().map(|v| clamp(v) as i8).collect(),
-            )?
-            .into_tensor(),
-            DatumType::U8 => ArrayD::from_shape_vec(
-                IxDyn(shape),
-                values.into_iter().map(|v| clamp(v) as u8).collect(),
-            )?
-            .into_tensor(),
-            DatumType::I16 => ArrayD::from_shape_vec(
-                IxDyn(shape),
-                values.into_iter().map(|v| clamp(v) as i16).collect(),
-            )?
-            .into_tensor(),
+    /// Clamps `values` and stores them as the output type, allocating only the output tensor.
+    fn store(&self, values: &[i32], shape: &[usize]) -> TractResult<Tensor> {
+        fn fill<T: Datum + Copy>(
+            out: &mut Tensor,
+            values: &[i32],
+            cast: impl Fn(i32) -> T,
+        ) -> TractResult<()> {
+            for (o, &v) in out
+                .try_as_plain_ram_mut()?
+                .as_slice_mut::<T>()?
+                .iter_mut()
+                .zip(values)
+            {
+                *o = cast(v);
+            }
+            Ok(())
+        }
+        let (min, max) = (self.min, self.max);
+        let mut out = Tensor::zero_dt(self.dt, shape)?;
+        ensure!(
+            out.len() == values.len(),
+            "{} values for an output of shape {shape:?}",
+            values.len()
+        );
+        match self.dt {
+            DatumType::I8 => fill(&mut out, values, |v| v.clamp(min, max) as i8)?,
+            DatumType::U8 => fill(&mut out, values, |v| v.clamp(min, max) as u8)?,
+            DatumType::I16 => fill(&mut out, values, |v| v.clamp(min, max) as i16)?,
             dt => bail!("unsupported integer output {dt:?}"),
-        })
+        }
+        Ok(out)
     }
 }
 
@@ -284,10 +295,10 @@ impl Channels {
     /// Accumulates `(x[k] - x_zp) * w[k][..]` for input values `x` at depth offsets
     /// `first..first + x.len()` into `acc`; returns `sum(x - x_zp)`.
     #[inline]
-    fn accumulate(&self, acc: &mut [i32], first: usize, x: &[i16]) -> i32 {
+    fn accumulate<T: Copy + Into<i32>>(&self, acc: &mut [i32], first: usize, x: &[T]) -> i32 {
         let mut sum = 0;
         for (k, &v) in x.iter().enumerate() {
-            let xs = i32::from(v) - self.x_zero_point;
+            let xs = v.into() - self.x_zero_point;
             if xs != 0 {
                 let at = (first + k) * self.outputs;
                 axpy(acc, xs, &self.weights_t[at..at + self.outputs]);
@@ -327,36 +338,52 @@ impl EvalOp for QFullyConnected {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let x = widen(&inputs[0])?;
+        let input = &inputs[0];
         let c = &self.channels;
         ensure!(
-            c.depth > 0 && x.len() % c.depth == 0,
+            c.depth > 0 && input.len() % c.depth == 0,
             "input does not hold whole rows of {}",
             c.depth
         );
-        let rows = x.len() / c.depth;
-        let mut out = Vec::with_capacity(rows * c.outputs);
-        for r in 0..rows {
-            let mut acc = c.bias.clone();
-            let sum = c.accumulate(&mut acc, 0, &x[r * c.depth..(r + 1) * c.depth]);
-            c.finish(&mut acc, sum, self.output.zero_point);
-            out.extend_from_slice(&acc);
-        }
+        let rows = input.len() / c.depth;
+        let zp = self.output.zero_point;
+        // The raw values are read in place: this layer is often a whole model's only real work,
+        // and on small models an extra copy of the input costs as much as the products.
+        let bytes = input.as_bytes();
+        let out = match input.datum_type().unquantized() {
+            DatumType::I8 => fully_connected(c, bytemuck_i8(bytes), rows, zp),
+            DatumType::U8 => fully_connected(c, bytes, rows, zp),
+            _ => fully_connected(c, &widen(input)?, rows, zp),
+        };
         Ok(tvec!(
-            self.output.store(out, &[rows, c.outputs])?.into_tvalue()
+            self.output.store(&out, &[rows, c.outputs])?.into_tvalue()
         ))
+    }
+}
+
+/// Bytes as the `i8` values they hold.
+fn bytemuck_i8(bytes: &[u8]) -> &[i8] {
+    #[allow(unsafe_code)]
+    // SAFETY: i8 and u8 have the same size and alignment, and every bit pattern is valid for both.
+    unsafe {
+        std::slice::from_raw_parts(bytes.as_ptr().cast::<i8>(), bytes.len())
     }
 }
 
 /// The rows of a fully-connected layer. Compiled for AVX2 and SSE4.1 too, chosen at run time.
 #[multiversion(targets("x86_64+avx2", "x86_64+sse4.1"))]
-fn fully_connected(c: &Channels, x: &[i16], rows: usize, zero_point: i32) -> Vec<i32> {
+fn fully_connected<T: Copy + Into<i32>>(
+    c: &Channels,
+    x: &[T],
+    rows: usize,
+    zero_point: i32,
+) -> Vec<i32> {
     let mut out = Vec::with_capacity(rows * c.outputs);
     for r in 0..rows {
-        let mut acc = c.bias.clone();
-        let sum = c.accumulate(&mut acc, 0, &x[r * c.depth..(r + 1) * c.depth]);
-        c.finish(&mut acc, sum, zero_point);
-        out.extend_from_slice(&acc);
+        out.extend_from_slice(&c.bias);
+        let acc = &mut out[r * c.outputs..];
+        let sum = c.accumulate(acc, 0, &x[r * c.depth..(r + 1) * c.depth]);
+        c.finish(acc, sum, zero_point);
     }
     out
 }
@@ -562,7 +589,7 @@ impl EvalOp for QConv {
         let [oh, ow] = self.out_hw;
         Ok(tvec!(
             self.output
-                .store(out, &[n, oh, ow, self.channels.outputs])?
+                .store(&out, &[n, oh, ow, self.channels.outputs])?
                 .into_tvalue()
         ))
     }
@@ -713,8 +740,8 @@ impl EvalOp for QAdd {
                         self.b_table[code_index(db, y)],
                     )
                 })
-                .collect();
-            return Ok(tvec!(self.output.store(values, a.shape())?.into_tvalue()));
+                .collect::<Vec<_>>();
+            return Ok(tvec!(self.output.store(&values, a.shape())?.into_tvalue()));
         }
         let (xa, xb) = broadcast_pair(a, b)?;
         let shape = xa.shape().to_vec();
@@ -729,8 +756,8 @@ impl EvalOp for QAdd {
             .iter()
             .zip(xb.iter())
             .map(|(&x, &y)| self.combine(self.a_table[index(da, x)], self.b_table[index(db, y)]))
-            .collect();
-        Ok(tvec!(self.output.store(values, &shape)?.into_tvalue()))
+            .collect::<Vec<_>>();
+        Ok(tvec!(self.output.store(&values, &shape)?.into_tvalue()))
     }
 }
 
@@ -786,8 +813,8 @@ impl EvalOp for QMul {
                     .apply((x - self.a_zero_point) * (y - self.b_zero_point))
                     + self.output.zero_point
             })
-            .collect();
-        Ok(tvec!(self.output.store(values, &shape)?.into_tvalue()))
+            .collect::<Vec<_>>();
+        Ok(tvec!(self.output.store(&values, &shape)?.into_tvalue()))
     }
 }
 

@@ -30,7 +30,7 @@ use tract_tflite::tflite::{
     self as fb, ActivationFunctionType, BuiltinOperator, Padding, TensorType,
 };
 
-use super::rescale::{Affine, Rescale};
+use super::rescale::{Affine, QSoftmax, Rescale};
 use crate::model::{QuantParams, TensorSpec};
 use crate::qkernels::{Channels, IntOutput, Operand, QAdd, QConv, QFullyConnected, QMul};
 
@@ -678,34 +678,7 @@ impl<'m> Frontend<'m> {
                 }
                 wire
             }
-            BuiltinOperator::SOFTMAX => {
-                let beta = op
-                    .builtin_options_as_softmax_options()
-                    .map(|o| o.beta())
-                    .unwrap_or(1.0);
-                let x = self.input(ins[0])?;
-                let q = self
-                    .q(ins[0])?
-                    .filter(|_| self.dt(ins[0]).ok() != Some(DatumType::F32));
-                let mut real = self.decode(name, x, q)?;
-                if beta != 1.0 {
-                    let b = self.add_const(&format!("{name}.beta"), tensor0(beta))?;
-                    real = wire_with_rank_broadcast(
-                        format!("{name}.scale"),
-                        &mut self.target,
-                        tract_core::ops::math::mul(),
-                        &[real, b],
-                    )?[0];
-                }
-                let rank = self.target.outlet_fact(real)?.rank();
-                let softmax = Softmax {
-                    axes: tvec!(rank - 1),
-                    quant_output_dt: None,
-                    ..Softmax::default()
-                };
-                let y = self.node(&format!("{name}.softmax"), softmax, &[real])?;
-                self.encode(name, y, out, f32::NEG_INFINITY, f32::INFINITY)?
-            }
+            BuiltinOperator::SOFTMAX => self.softmax(op, name, ins[0], out)?,
             BuiltinOperator::LOGISTIC => {
                 self.unary(name, tract_core::ops::nn::sigmoid(), ins[0], out)?
             }
@@ -772,6 +745,59 @@ impl<'m> Frontend<'m> {
         };
         self.wires.insert(out, wire);
         Ok(())
+    }
+
+    /// SOFTMAX over the last axis; on 8- and 16-bit or float data, one [`QSoftmax`] op.
+    fn softmax(
+        &mut self,
+        op: &fb::Operator,
+        name: &str,
+        input: i32,
+        out: i32,
+    ) -> TractResult<OutletId> {
+        let beta = op
+            .builtin_options_as_softmax_options()
+            .map(|o| o.beta())
+            .unwrap_or(1.0);
+        let x = self.input(input)?;
+        let q = self
+            .q(input)?
+            .filter(|_| self.dt(input).ok() != Some(DatumType::F32));
+        let in_dt = self.target.outlet_fact(x)?.datum_type.unquantized();
+        let out_dt = self.dt(out)?;
+        let plain = [DatumType::F32, DatumType::I8, DatumType::U8, DatumType::I16];
+        if plain.contains(&in_dt) && plain.contains(&out_dt) {
+            // One op for decode, softmax and encode (small classifiers end with this).
+            let to = if out_dt == DatumType::F32 {
+                None
+            } else {
+                self.q(out)?
+            };
+            let op = QSoftmax {
+                decode: Rescale::new(q, None, DatumType::F32),
+                beta,
+                encode: Rescale::new(None, to, out_dt),
+            };
+            return self.node(name, op, &[x]);
+        }
+        let mut real = self.decode(name, x, q)?;
+        if beta != 1.0 {
+            let b = self.add_const(&format!("{name}.beta"), tensor0(beta))?;
+            real = wire_with_rank_broadcast(
+                format!("{name}.scale"),
+                &mut self.target,
+                tract_core::ops::math::mul(),
+                &[real, b],
+            )?[0];
+        }
+        let rank = self.target.outlet_fact(real)?.rank();
+        let softmax = Softmax {
+            axes: tvec!(rank - 1),
+            quant_output_dt: None,
+            ..Softmax::default()
+        };
+        let y = self.node(&format!("{name}.softmax"), softmax, &[real])?;
+        self.encode(name, y, out, f32::NEG_INFINITY, f32::INFINITY)
     }
 
     fn dequantize(&mut self, name: &str, ix: i32) -> TractResult<OutletId> {

@@ -1,13 +1,18 @@
-//! `Rescale`: TFLite's QUANTIZE / DEQUANTIZE / requantize as one tract op.
+//! `Rescale`: TFLite's QUANTIZE / DEQUANTIZE / requantize as one tract op, and [`QSoftmax`].
 //!
 //! Quantized activations travel through our tract graphs as plain `i8`/`u8` tensors; the
 //! frontend keeps their scale and zero point. `Rescale` maps values from one affine encoding (or
 //! from real numbers) to another (or to real numbers), optionally clamping the real value first
 //! (fused activations), and rounds the way the TFLite reference kernels do: half away from zero.
 //! tract's own quantize rounds ties to even, which would disagree with TFLite on exact halves.
+//!
+//! On small models these element-wise steps, not the matrix products, are most of the run time
+//! (each is a node with its own output tensor), so a `Rescale` whose input is another `Rescale`
+//! (or a [`QSoftmax`]) read by nothing else merges into it when tract optimizes the graph: one
+//! pass applies both mappings per element, each still rounding and saturating as its own
+//! operator would.
 
 use tract_core::internal::*;
-use tract_core::ndarray::ArrayD;
 
 /// An affine integer encoding: `real = scale * (q - zero_point)`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -26,6 +31,8 @@ pub(crate) struct Rescale {
     /// Real-valued clamp applied before encoding (fused RELU / RELU6), `-inf..inf` for none.
     pub lo: f32,
     pub hi: f32,
+    /// A following `Rescale` merged into this one, applied to each element after this one.
+    pub then: Option<Box<Rescale>>,
 }
 
 impl Eq for Rescale {}
@@ -38,6 +45,7 @@ impl Rescale {
             out,
             lo: f32::NEG_INFINITY,
             hi: f32::INFINITY,
+            then: None,
         }
     }
 
@@ -45,61 +53,157 @@ impl Rescale {
         Rescale { lo, hi, ..self }
     }
 
-    fn real_of(&self, input: &Tensor) -> TractResult<ArrayD<f32>> {
-        let view = |x: f32| match self.from {
-            Some(q) => (x - q.zero_point as f32) * q.scale,
-            None => x,
-        };
-        Ok(match input.datum_type().unquantized() {
-            DatumType::F32 => input.to_plain_array_view::<f32>()?.mapv(view),
-            DatumType::I8 => {
-                let shape = input.shape().to_vec();
-                let values = input
-                    .as_bytes()
-                    .iter()
-                    .map(|&b| view(f32::from(b as i8)))
-                    .collect();
-                ArrayD::from_shape_vec(shape, values)?
-            }
-            DatumType::U8 => {
-                let shape = input.shape().to_vec();
-                let values = input
-                    .as_bytes()
-                    .iter()
-                    .map(|&b| view(f32::from(b)))
-                    .collect();
-                ArrayD::from_shape_vec(shape, values)?
-            }
-            DatumType::I16 => input
-                .cast_to::<i16>()?
-                .to_plain_array_view::<i16>()?
-                .mapv(|v| view(f32::from(v))),
-            DatumType::I32 => input
-                .cast_to::<i32>()?
-                .to_plain_array_view::<i32>()?
-                .mapv(|v| view(v as f32)),
-            dt => bail!("Rescale: unsupported input type {dt:?}"),
-        })
+    /// This mapping, then `next` on its results.
+    pub(crate) fn followed_by(mut self, next: Rescale) -> Self {
+        self.then = Some(Box::new(match self.then.take() {
+            Some(then) => then.followed_by(next),
+            None => next,
+        }));
+        self
     }
 
-    fn encode<T: Datum>(
-        &self,
-        real: &ArrayD<f32>,
-        min: f32,
-        max: f32,
-        cast: impl Fn(f32) -> T,
-    ) -> Tensor {
-        let q = self.to.unwrap_or(Affine {
-            scale: 1.0,
-            zero_point: 0,
-        });
-        let (lo, hi) = (self.lo, self.hi);
-        real.mapv(|x| {
-            let x = x.clamp(lo, hi);
-            let v = (x / q.scale).round() + q.zero_point as f32;
-            cast(v.clamp(min, max))
-        })
-        .into_tensor()
+    /// The storage type of the last step's output.
+    pub(crate) fn output_type(&self) -> DatumType {
+        self.then.as_ref().map_or(self.out, |t| t.output_type())
+    }
+
+    /// One element through every step: `x` is an input value (an integer's value for integer
+    /// inputs), the result the stored output value, which each step's saturation keeps exactly
+    /// representable in its type.
+    #[inline]
+    fn apply(&self, x: f32) -> f32 {
+        // A loop, not recursion, so that the whole chain inlines into the element loop.
+        let mut step = self;
+        let mut value = x;
+        loop {
+            value = step.step(value);
+            match &step.then {
+                Some(next) => step = next,
+                None => return value,
+            }
+        }
+    }
+
+    /// This step alone on one element.
+    #[inline(always)]
+    fn step(&self, x: f32) -> f32 {
+        let real = self.real(x);
+        match self.out {
+            DatumType::F32 => real,
+            DatumType::I8 => self.encode(real, -128.0, 127.0),
+            DatumType::U8 => self.encode(real, 0.0, 255.0),
+            DatumType::I16 => self.encode(real, -32768.0, 32767.0),
+            // The largest f32 below 2^31, so that the cast cannot overflow.
+            _ => self.encode(real, -2_147_483_648.0, 2_147_483_520.0),
+        }
+    }
+
+    /// An input element decoded to a real number and clamped. Without a branch (an identity
+    /// encoding is scale 1, zero point 0, exact in `f32`), so that element loops vectorize.
+    #[inline(always)]
+    fn real(&self, x: f32) -> f32 {
+        let (zero_point, scale) = self
+            .from
+            .map_or((0.0, 1.0), |q| (q.zero_point as f32, q.scale));
+        ((x - zero_point) * scale).clamp(self.lo, self.hi)
+    }
+
+    /// A real number as the output encoding, saturated to `min..=max`.
+    #[inline(always)]
+    fn encode(&self, real: f32, min: f32, max: f32) -> f32 {
+        let (zero_point, scale) = self
+            .to
+            .map_or((0.0, 1.0), |q| (q.zero_point as f32, q.scale));
+        (round_half_away_from_zero(real / scale) + zero_point).clamp(min, max)
+    }
+
+    /// Maps every element of `input` into `out`, a tensor of [`Rescale::output_type`] with as
+    /// many elements. One pass, no intermediate tensor.
+    fn write(&self, input: &Tensor, out: &mut Tensor) -> TractResult<()> {
+        // Generic rather than `dyn Iterator`: the loop must inline to vectorize on large tensors.
+        fn fill<T: Datum + Copy>(
+            out: &mut Tensor,
+            values: impl Iterator<Item = f32>,
+            store: impl Fn(f32) -> T,
+        ) -> TractResult<()> {
+            let mut view = out.try_as_plain_ram_mut()?;
+            for (o, x) in view.as_slice_mut::<T>()?.iter_mut().zip(values) {
+                *o = store(x);
+            }
+            Ok(())
+        }
+        /// Any chain, any output type: every step per element.
+        fn store_as(
+            op: &Rescale,
+            out: &mut Tensor,
+            values: impl Iterator<Item = f32>,
+        ) -> TractResult<()> {
+            match op.output_type() {
+                DatumType::F32 => fill(out, values, |x| op.apply(x)),
+                DatumType::I8 => fill(out, values, |x| op.apply(x) as i8),
+                DatumType::U8 => fill(out, values, |x| op.apply(x) as u8),
+                DatumType::I16 => fill(out, values, |x| op.apply(x) as i16),
+                DatumType::I32 => fill(out, values, |x| op.apply(x) as i32),
+                dt => bail!("Rescale: unsupported output type {dt:?}"),
+            }
+        }
+        fn from_input(
+            op: &Rescale,
+            out: &mut Tensor,
+            values: impl Iterator<Item = f32>,
+        ) -> TractResult<()> {
+            if op.then.is_none() {
+                // One step (the common case): its output type is fixed per loop, which leaves
+                // the element loop without a branch, so it vectorizes.
+                return match op.out {
+                    DatumType::F32 => fill(out, values, |x| op.real(x)),
+                    DatumType::I8 => {
+                        fill(out, values, |x| op.encode(op.real(x), -128.0, 127.0) as i8)
+                    }
+                    DatumType::U8 => fill(out, values, |x| op.encode(op.real(x), 0.0, 255.0) as u8),
+                    _ => store_as(op, out, values),
+                };
+            }
+            store_as(op, out, values)
+        }
+        ensure!(
+            input.len() == out.len(),
+            "Rescale: {} input values for {} outputs",
+            input.len(),
+            out.len()
+        );
+        let bytes = input.as_bytes();
+        match input.datum_type().unquantized() {
+            DatumType::F32 => from_input(
+                self,
+                out,
+                input.try_as_plain_ram()?.as_slice::<f32>()?.iter().copied(),
+            ),
+            DatumType::I8 => from_input(self, out, bytes.iter().map(|&b| f32::from(b as i8))),
+            DatumType::U8 => from_input(self, out, bytes.iter().map(|&b| f32::from(b))),
+            DatumType::I16 => from_input(
+                self,
+                out,
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| f32::from(i16::from_ne_bytes([c[0], c[1]]))),
+            ),
+            DatumType::I32 => from_input(
+                self,
+                out,
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]]) as f32),
+            ),
+            dt => bail!("Rescale: unsupported input type {dt:?}"),
+        }
+    }
+
+    /// `input` mapped into a new tensor.
+    fn map(&self, input: &Tensor) -> TractResult<Tensor> {
+        let mut out = Tensor::zero_dt(self.output_type(), input.shape())?;
+        self.write(input, &mut out)?;
+        Ok(out)
     }
 }
 
@@ -109,10 +213,16 @@ impl Op for Rescale {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!(
-            "{:?} -> {:?} as {:?}, clamp {}..{}",
-            self.from, self.to, self.out, self.lo, self.hi
-        )])
+        let mut steps = vec![];
+        let mut step = Some(self);
+        while let Some(s) = step {
+            steps.push(format!(
+                "{:?} -> {:?} as {:?}, clamp {}..{}",
+                s.from, s.to, s.out, s.lo, s.hi
+            ));
+            step = s.then.as_deref();
+        }
+        Ok(steps)
     }
 
     op_as_typed_op!();
@@ -122,25 +232,13 @@ impl EvalOp for Rescale {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let real = self.real_of(&inputs[0])?;
-        let out = match self.out {
-            DatumType::F32 => {
-                let (lo, hi) = (self.lo, self.hi);
-                real.mapv(|x| x.clamp(lo, hi)).into_tensor()
-            }
-            DatumType::I8 => self.encode(&real, -128.0, 127.0, |v| v as i8),
-            DatumType::U8 => self.encode(&real, 0.0, 255.0, |v| v as u8),
-            DatumType::I16 => self.encode(&real, -32768.0, 32767.0, |v| v as i16),
-            DatumType::I32 => self.encode(&real, -2_147_483_648.0, 2_147_483_520.0, |v| v as i32),
-            dt => bail!("Rescale: unsupported output type {dt:?}"),
-        };
-        Ok(tvec!(out.into_tvalue()))
+        Ok(tvec!(self.map(&inputs[0])?.into_tvalue()))
     }
 }
 
 impl TypedOp for Rescale {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        Ok(tvec!(self.out.fact(inputs[0].shape.clone())))
+        Ok(tvec!(self.output_type().fact(inputs[0].shape.clone())))
     }
 
     fn axes_mapping(
@@ -161,6 +259,120 @@ impl TypedOp for Rescale {
         Ok(Some(AxisChangeConsequence::new(model, node, None, change)))
     }
 
+    /// Merges into the `Rescale` or [`QSoftmax`] before it, when this is that value's only reader.
+    fn declutter(
+        &self,
+        model: &TypedModel,
+        node: &TypedNode,
+    ) -> TractResult<Option<TypedModelPatch>> {
+        let Some(prec) = sole_producer(model, node)? else {
+            return Ok(None);
+        };
+        if let Some(first) = prec.op_as::<Rescale>() {
+            let merged = first.clone().followed_by(self.clone());
+            return TypedModelPatch::fuse_with_next(model, prec, merged).map(Some);
+        }
+        if let Some(softmax) = prec.op_as::<QSoftmax>() {
+            let merged = QSoftmax {
+                encode: softmax.encode.clone().followed_by(self.clone()),
+                ..softmax.clone()
+            };
+            return TypedModelPatch::fuse_with_next(model, prec, merged).map(Some);
+        }
+        Ok(None)
+    }
+
+    as_op!();
+}
+
+/// `f32::round` (ties away from zero, as TFLite rounds) without its library call, which costs
+/// more than the rest of a rescale. Beyond the `i32` range the value saturates, and every caller
+/// clamps to a narrower range after.
+#[inline(always)]
+fn round_half_away_from_zero(x: f32) -> f32 {
+    let truncated = x as i32 as f32;
+    // Exact: below 2^23 the fraction of an f32 is representable, above it there is none.
+    if (x - truncated).abs() >= 0.5 {
+        truncated + x.signum()
+    } else {
+        truncated
+    }
+}
+
+/// The node computing `node`'s only input, when `node` is the only reader of that value and the
+/// value is not a model output: then the two may become one op.
+fn sole_producer<'m>(
+    model: &'m TypedModel,
+    node: &TypedNode,
+) -> TractResult<Option<&'m TypedNode>> {
+    let [input] = node.inputs[..] else {
+        return Ok(None);
+    };
+    let prec = model.node(input.node);
+    let sole = prec.outputs.len() == 1
+        && prec.outputs[0].successors.len() == 1
+        && !model.output_outlets()?.contains(&input);
+    Ok(sole.then_some(prec))
+}
+
+/// SOFTMAX over the last axis in one op: the input decoded to real numbers, `softmax(beta * x)`,
+/// and the result encoded (TFLite's quantized softmax output, and any DEQUANTIZE merged after).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct QSoftmax {
+    /// To real numbers (`F32` output).
+    pub decode: Rescale,
+    pub beta: f32,
+    /// From real numbers to the output.
+    pub encode: Rescale,
+}
+
+impl Eq for QSoftmax {}
+
+impl Op for QSoftmax {
+    fn name(&self) -> StaticName {
+        "QSoftmax".into()
+    }
+    op_as_typed_op!();
+}
+
+impl EvalOp for QSoftmax {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = &inputs[0];
+        let row = input.shape().last().copied().unwrap_or(1).max(1);
+        let mut real = self.decode.map(input)?;
+        {
+            let mut view = real.try_as_plain_ram_mut()?;
+            for values in view.as_slice_mut::<f32>()?.chunks_mut(row) {
+                softmax(values, self.beta);
+            }
+        }
+        Ok(tvec!(self.encode.map(&real)?.into_tvalue()))
+    }
+}
+
+/// `softmax(beta * x)` in place, in `f32` with the standard library's `exp`.
+fn softmax(values: &mut [f32], beta: f32) {
+    let max = values
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v * beta));
+    let mut sum = 0.0;
+    for v in values.iter_mut() {
+        *v = (*v * beta - max).exp();
+        sum += *v;
+    }
+    for v in values.iter_mut() {
+        *v /= sum;
+    }
+}
+
+impl TypedOp for QSoftmax {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(
+            self.encode.output_type().fact(inputs[0].shape.clone())
+        ))
+    }
     as_op!();
 }
 
@@ -223,5 +435,165 @@ mod tests {
         let out = run(&op, tensor1(&[-4i8, 4, 100]));
         // -2.0 clamps to 0 -> -128; 2.0 -> 8 - 128 = -120; 50 clamps to 6 -> 24 - 128 = -104.
         assert_eq!(out, tensor1(&[-128i8, -120, -104]));
+    }
+
+    #[test]
+    fn rounding_matches_the_standard_library_on_ties_and_edges() {
+        let mut cases = vec![
+            0.0f32,
+            -0.0,
+            0.5,
+            -0.5,
+            1.5,
+            -1.5,
+            2.5,
+            -2.5,
+            0.49999997,
+            -0.49999997,
+            126.5,
+            -128.5,
+            8388607.5,
+            8388608.0,
+            1e9,
+            -1e9,
+            3e9,
+            -3e9,
+        ];
+        cases.extend((-2000..2000).map(|i| i as f32 * 0.25 + 0.125 * (i % 3) as f32));
+        for x in cases {
+            let expected = x.round().clamp(-2_147_483_648.0, 2_147_483_520.0);
+            let got = round_half_away_from_zero(x).clamp(-2_147_483_648.0, 2_147_483_520.0);
+            assert_eq!(got, expected, "rounding {x}");
+        }
+    }
+
+    fn quantize() -> Rescale {
+        Rescale::new(
+            None,
+            Some(Affine {
+                scale: 0.5,
+                zero_point: -1,
+            }),
+            DatumType::I8,
+        )
+    }
+
+    fn dequantize() -> Rescale {
+        Rescale::new(
+            Some(Affine {
+                scale: 0.5,
+                zero_point: -1,
+            }),
+            None,
+            DatumType::F32,
+        )
+    }
+
+    #[test]
+    fn a_chain_rounds_and_saturates_at_every_step() {
+        let input = tensor1(&[0.25f32, -0.25, 0.74, 1000.0, -1000.0, 3.0]);
+        let one_by_one = run(&dequantize(), run(&quantize(), input.clone()));
+        let chained = run(&quantize().followed_by(dequantize()), input);
+        // The i8 step saturates 1000 to 127 (64.0 decoded) and rounds 0.74 / 0.5 = 1.48 to 1 (0.5).
+        assert_eq!(chained, tensor1(&[0.5f32, -0.5, 0.5, 64.0, -63.5, 3.0]));
+        assert_eq!(chained, one_by_one);
+    }
+
+    /// `source -> quantize -> dequantize`, optimized as the engine does; the quantized value is
+    /// also a model output when `expose_middle`.
+    fn quantize_then_dequantize(expose_middle: bool) -> Arc<TypedRunnableModel> {
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([6])).unwrap();
+        let q = model.wire_node("q", quantize(), &[x]).unwrap()[0];
+        let y = model.wire_node("y", dequantize(), &[q]).unwrap()[0];
+        let outputs = if expose_middle { vec![y, q] } else { vec![y] };
+        model.select_output_outlets(&outputs).unwrap();
+        model.into_optimized().unwrap().into_runnable().unwrap()
+    }
+
+    fn execute(plan: &Arc<TypedRunnableModel>, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        plan.spawn()?.run(inputs)
+    }
+
+    fn rescale_nodes(plan: &TypedRunnableModel) -> usize {
+        plan.model()
+            .nodes
+            .iter()
+            .filter(|n| n.op_is::<Rescale>())
+            .count()
+    }
+
+    #[test]
+    fn optimizing_merges_a_rescale_into_the_one_before_it() {
+        let input = tensor1(&[0.25f32, -0.25, 0.74, 1000.0, -1000.0, 3.0]);
+        let plan = quantize_then_dequantize(false);
+        assert_eq!(rescale_nodes(&plan), 1);
+        let out = execute(&plan, tvec!(input.clone().into_tvalue())).unwrap();
+        assert_eq!(
+            out[0].clone().into_tensor(),
+            run(&dequantize(), run(&quantize(), input))
+        );
+    }
+
+    #[test]
+    fn a_value_the_model_outputs_is_not_merged_away() {
+        let input = tensor1(&[0.25f32, -0.25, 0.74, 1000.0, -1000.0, 3.0]);
+        let plan = quantize_then_dequantize(true);
+        assert_eq!(rescale_nodes(&plan), 2);
+        let out = execute(&plan, tvec!(input.clone().into_tvalue())).unwrap();
+        let q = run(&quantize(), input);
+        assert_eq!(out[1].clone().into_tensor(), q);
+        assert_eq!(out[0].clone().into_tensor(), run(&dequantize(), q));
+    }
+
+    #[test]
+    fn quantized_softmax_decodes_normalizes_encodes_and_absorbs_a_dequantize() {
+        let logits = Affine {
+            scale: 0.25,
+            zero_point: 3,
+        };
+        // TFLite's int8 softmax output encoding: scale 1/256, zero point -128.
+        let probabilities = Affine {
+            scale: 1.0 / 256.0,
+            zero_point: -128,
+        };
+        let softmax = QSoftmax {
+            decode: Rescale::new(Some(logits), None, DatumType::F32),
+            beta: 1.0,
+            encode: Rescale::new(None, Some(probabilities), DatumType::I8),
+        };
+        let input = tensor2(&[[3i8, 7, -5, 3], [0, 0, 0, 0]]);
+        let expected: Vec<i8> = [[3i8, 7, -5, 3], [0, 0, 0, 0]]
+            .iter()
+            .flat_map(|row| {
+                let real: Vec<f64> = row.iter().map(|&q| 0.25 * f64::from(q - 3)).collect();
+                let sum: f64 = real.iter().map(|r| r.exp()).sum();
+                real.into_iter().map(move |r| {
+                    ((r.exp() / sum * 256.0).round() - 128.0).clamp(-128.0, 127.0) as i8
+                })
+            })
+            .collect();
+        let out = softmax
+            .eval(
+                &EvalContext::out_of_plan(),
+                tvec!(input.clone().into_tvalue()),
+            )
+            .unwrap();
+        let got = out[0].clone().into_tensor();
+        assert_eq!(
+            got.as_bytes().iter().map(|&b| b as i8).collect::<Vec<_>>(),
+            expected
+        );
+
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", i8::fact([2, 4])).unwrap();
+        let p = model.wire_node("p", softmax, &[x]).unwrap()[0];
+        let dequantize = Rescale::new(Some(probabilities), None, DatumType::F32);
+        let y = model.wire_node("y", dequantize.clone(), &[p]).unwrap()[0];
+        model.select_output_outlets(&[y]).unwrap();
+        let plan = model.into_optimized().unwrap().into_runnable().unwrap();
+        assert_eq!(plan.model().nodes.len(), 2, "source and one QSoftmax");
+        let out = execute(&plan, tvec!(input.into_tvalue())).unwrap();
+        assert_eq!(out[0].clone().into_tensor(), run(&dequantize, got));
     }
 }
