@@ -186,7 +186,7 @@ fn widen_i32(t: &Tensor) -> TractResult<Vec<i32>> {
 }
 
 /// `acc[o] += x * w[o]`: the loop the compiler vectorizes.
-#[inline]
+#[inline(always)]
 fn axpy(acc: &mut [i32], x: i32, w: &[i32]) {
     for (a, &wv) in acc.iter_mut().zip(w) {
         *a += x * wv;
@@ -292,24 +292,73 @@ impl Channels {
         self
     }
 
-    /// Accumulates `(x[k] - x_zp) * w[k][..]` for input values `x` at depth offsets
-    /// `first..first + x.len()` into `acc`; returns `sum(x - x_zp)`.
-    #[inline]
-    fn accumulate<T: Copy + Into<i32>>(&self, acc: &mut [i32], first: usize, x: &[T]) -> i32 {
+    /// Accumulates `(x[k] - x_zp) * w[first + k][..]` into `acc` for every segment
+    /// `(first, x)` of input values (a fully-connected row is one segment, a convolution's
+    /// receptive field one per kernel tap); returns `sum(x - x_zp)`.
+    ///
+    /// Outputs go in blocks of 32, 16 and 8 whose accumulators stay in registers across the whole
+    /// depth: updating them in memory for every input value made the layers load-store bound.
+    /// Always inlined: the callers are compiled once per instruction set (`multiversion`), and a
+    /// call would run this loop, their whole cost, on the baseline one.
+    #[inline(always)]
+    fn accumulate<T: Copy + Into<i32>>(&self, acc: &mut [i32], segments: &[(usize, &[T])]) -> i32 {
+        let mut start = 0;
+        while self.outputs - start >= 32 {
+            self.accumulate_block::<32, T>(acc, start, segments);
+            start += 32;
+        }
+        if self.outputs - start >= 16 {
+            self.accumulate_block::<16, T>(acc, start, segments);
+            start += 16;
+        }
+        if self.outputs - start >= 8 {
+            self.accumulate_block::<8, T>(acc, start, segments);
+            start += 8;
+        }
         let mut sum = 0;
-        for (k, &v) in x.iter().enumerate() {
-            let xs = v.into() - self.x_zero_point;
-            if xs != 0 {
-                let at = (first + k) * self.outputs;
-                axpy(acc, xs, &self.weights_t[at..at + self.outputs]);
+        for &(first, x) in segments {
+            for (k, &v) in x.iter().enumerate() {
+                let xs = v.into() - self.x_zero_point;
+                if xs != 0 && start < self.outputs {
+                    let row = (first + k) * self.outputs;
+                    axpy(
+                        &mut acc[start..],
+                        xs,
+                        &self.weights_t[row + start..row + self.outputs],
+                    );
+                }
                 sum += xs;
             }
         }
         sum
     }
 
+    /// [`Channels::accumulate`] for outputs `start..start + N`, held in registers.
+    #[inline(always)]
+    fn accumulate_block<const N: usize, T: Copy + Into<i32>>(
+        &self,
+        acc: &mut [i32],
+        start: usize,
+        segments: &[(usize, &[T])],
+    ) {
+        let mut block: [i32; N] = acc[start..start + N].try_into().expect("N outputs");
+        for &(first, x) in segments {
+            for (k, &v) in x.iter().enumerate() {
+                let xs = v.into() - self.x_zero_point;
+                if xs != 0 {
+                    let row = (first + k) * self.outputs + start;
+                    let w: &[i32; N] = self.weights_t[row..row + N].try_into().expect("N weights");
+                    for (a, &wv) in block.iter_mut().zip(w) {
+                        *a += xs * wv;
+                    }
+                }
+            }
+        }
+        acc[start..start + N].copy_from_slice(&block);
+    }
+
     /// Turns accumulators (bias included) into outputs with zero point, not yet clamped.
-    #[inline]
+    #[inline(always)]
     fn finish(&self, acc: &mut [i32], sum_xs: i32, zero_point: i32) {
         for (o, a) in acc.iter_mut().enumerate() {
             if let Some(wz) = &self.weight_zero_points {
@@ -341,7 +390,7 @@ impl EvalOp for QFullyConnected {
         let input = &inputs[0];
         let c = &self.channels;
         ensure!(
-            c.depth > 0 && input.len() % c.depth == 0,
+            c.depth > 0 && input.len().is_multiple_of(c.depth),
             "input does not hold whole rows of {}",
             c.depth
         );
@@ -382,7 +431,7 @@ fn fully_connected<T: Copy + Into<i32>>(
     for r in 0..rows {
         out.extend_from_slice(&c.bias);
         let acc = &mut out[r * c.outputs..];
-        let sum = c.accumulate(acc, 0, &x[r * c.depth..(r + 1) * c.depth]);
+        let sum = c.accumulate(acc, &[(0, &x[r * c.depth..(r + 1) * c.depth])]);
         c.finish(acc, sum, zero_point);
     }
     out
@@ -456,10 +505,11 @@ fn depthwise(conv: &QConv, x: &[i16], n: usize, h: usize, w: usize) -> Vec<i32> 
         let [oh, ow] = this.out_hw;
         let mut out = Vec::with_capacity(n * oh * ow * channels);
         let mut xs = vec![0i32; channels];
+        let mut acc = vec![0i32; channels];
         for b in 0..n {
             for oy in 0..oh {
                 for ox in 0..ow {
-                    let mut acc = c.bias.clone();
+                    acc.copy_from_slice(&c.bias);
                     for ky in 0..kh {
                         let Some(iy) = this.source(0, oy, ky, h) else {
                             continue;
@@ -505,41 +555,47 @@ fn grouped(conv: &QConv, x: &[i16], n: usize, h: usize, w: usize) -> Vec<i32> {
         let per_group_out = c.outputs / this.groups;
         let mut out = Vec::with_capacity(n * oh * ow * c.outputs);
         let mut acc = vec![0i32; c.outputs];
+        let mut sums = vec![0i32; this.groups];
+        // One group's receptive field as (depth offset, input values) per kernel tap.
+        let mut segments: Vec<(usize, &[i16])> = Vec::with_capacity(kh * kw);
         for b in 0..n {
             for oy in 0..oh {
                 for ox in 0..ow {
                     acc.copy_from_slice(&c.bias);
-                    let mut sums = vec![0i32; this.groups];
-                    for ky in 0..kh {
-                        let Some(iy) = this.source(0, oy, ky, h) else {
-                            continue;
-                        };
-                        for kx in 0..kw {
-                            let Some(ix) = this.source(1, ox, kx, w) else {
+                    sums.fill(0);
+                    for (g, sum) in sums.iter_mut().enumerate() {
+                        segments.clear();
+                        for ky in 0..kh {
+                            let Some(iy) = this.source(0, oy, ky, h) else {
                                 continue;
                             };
-                            let start = ((b * h + iy) * w + ix) * this.in_channels;
-                            let tap = (ky * kw + kx) * per_group_in;
-                            for (g, sum) in sums.iter_mut().enumerate() {
-                                let values =
-                                    &x[start + g * per_group_in..start + (g + 1) * per_group_in];
-                                let outs = g * per_group_out..(g + 1) * per_group_out;
-                                if this.groups == 1 {
-                                    *sum += c.accumulate(&mut acc, tap, values);
-                                } else {
-                                    // Weights of group g live in columns `outs` of the shared rows.
-                                    for (k, &v) in values.iter().enumerate() {
-                                        let xs = i32::from(v) - c.x_zero_point;
-                                        if xs != 0 {
-                                            let row = (tap + k) * c.outputs;
-                                            axpy(
-                                                &mut acc[outs.clone()],
-                                                xs,
-                                                &c.weights_t[row + outs.start..row + outs.end],
-                                            );
-                                            *sum += xs;
-                                        }
-                                    }
+                            for kx in 0..kw {
+                                let Some(ix) = this.source(1, ox, kx, w) else {
+                                    continue;
+                                };
+                                let start =
+                                    ((b * h + iy) * w + ix) * this.in_channels + g * per_group_in;
+                                let tap = (ky * kw + kx) * per_group_in;
+                                segments.push((tap, &x[start..start + per_group_in]));
+                            }
+                        }
+                        if this.groups == 1 {
+                            *sum = c.accumulate(&mut acc, &segments);
+                            continue;
+                        }
+                        // Weights of group g live in columns `outs` of the shared rows.
+                        let outs = g * per_group_out..(g + 1) * per_group_out;
+                        for &(tap, values) in &segments {
+                            for (k, &v) in values.iter().enumerate() {
+                                let xs = i32::from(v) - c.x_zero_point;
+                                if xs != 0 {
+                                    let row = (tap + k) * c.outputs;
+                                    axpy(
+                                        &mut acc[outs.clone()],
+                                        xs,
+                                        &c.weights_t[row + outs.start..row + outs.end],
+                                    );
+                                    *sum += xs;
                                 }
                             }
                         }
@@ -892,6 +948,145 @@ mod tests {
         // 4 wide, kernel 3, stride 2, SAME: 2 outputs, total padding 1, none before.
         assert_eq!(QConv::geometry(4, 3, 2, 1, true), (2, 0));
         assert_eq!(QConv::geometry(5, 3, 1, 1, false), (3, 0));
+    }
+
+    /// Deterministic values in `lo..=hi`.
+    fn values(n: usize, seed: u32, lo: i32, hi: i32) -> Vec<i32> {
+        let mut state = seed;
+        (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                lo + (state >> 8) as i32 % (hi - lo + 1)
+            })
+            .collect()
+    }
+
+    /// The requantized, clamped output of one accumulator, as the kernels must compute it.
+    fn reference_output(acc: i32, real_multiplier: f64, zero_point: i32) -> u8 {
+        (Multiplier::new(real_multiplier).apply(acc) + zero_point).clamp(0, 255) as u8
+    }
+
+    // 59 outputs: register blocks of 32, 16 and 8, and 3 more; per-channel weight zero points;
+    // inputs often at their zero point (skipped); u8 data.
+    const OUTPUTS: usize = 59;
+    const X_ZP: i32 = 7;
+
+    fn wide_channels(depth: usize) -> (Vec<i32>, Vec<i32>, Vec<i32>, Channels) {
+        let w = values(OUTPUTS * depth, 1, 0, 255);
+        let w_zps = values(OUTPUTS, 2, 100, 150);
+        let bias = values(OUTPUTS, 3, -5000, 5000);
+        let weights = ArrayD::from_shape_vec(
+            IxDyn(&[OUTPUTS, depth]),
+            w.iter().map(|&v| v as u8).collect(),
+        )
+        .unwrap()
+        .into_tensor();
+        let channels = Channels::new(
+            &weights,
+            Some(&tensor1(&bias)),
+            X_ZP,
+            0.5,
+            &[0.01],
+            &w_zps,
+            0.3,
+        )
+        .unwrap();
+        (w, w_zps, bias, channels)
+    }
+
+    fn u8_output() -> IntOutput {
+        IntOutput {
+            zero_point: 120,
+            min: 0,
+            max: 255,
+            dt: DatumType::U8,
+        }
+    }
+
+    fn input(n: usize, seed: u32) -> Vec<u8> {
+        values(n, seed, 0, 255)
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| if i % 3 == 0 { X_ZP as u8 } else { v as u8 })
+            .collect()
+    }
+
+    #[test]
+    fn a_wide_fully_connected_layer_matches_the_direct_sum() {
+        let (depth, rows) = (21, 3);
+        let (w, w_zps, bias, channels) = wide_channels(depth);
+        let op = QFullyConnected {
+            channels,
+            output: u8_output(),
+        };
+        let x = input(rows * depth, 4);
+        let tensor = ArrayD::from_shape_vec(IxDyn(&[rows, depth]), x.clone())
+            .unwrap()
+            .into_tensor();
+        let out = op
+            .eval(&EvalContext::out_of_plan(), tvec!(tensor.into_tvalue()))
+            .unwrap();
+        let expected: Vec<u8> = (0..rows * OUTPUTS)
+            .map(|i| {
+                let (r, o) = (i / OUTPUTS, i % OUTPUTS);
+                let acc = bias[o]
+                    + (0..depth)
+                        .map(|k| {
+                            (i32::from(x[r * depth + k]) - X_ZP) * (w[o * depth + k] - w_zps[o])
+                        })
+                        .sum::<i32>();
+                reference_output(acc, 0.5 * 0.01 / 0.3, 120)
+            })
+            .collect();
+        assert_eq!(out[0].as_bytes(), &expected[..]);
+    }
+
+    #[test]
+    fn a_wide_convolution_matches_the_direct_sum() {
+        // 3x3 kernel, stride 1, SAME padding, 3 input channels (odd depth offsets per tap).
+        let (h, w_, cin, k) = (5, 4, 3, 3);
+        let (w, w_zps, bias, channels) = wide_channels(k * k * cin);
+        let conv = QConv {
+            channels,
+            output: u8_output(),
+            kernel: [k, k],
+            strides: [1, 1],
+            dilations: [1, 1],
+            pad_before: [1, 1],
+            out_hw: [h, w_],
+            groups: 1,
+            in_channels: cin,
+        };
+        let x = input(h * w_ * cin, 5);
+        let tensor = ArrayD::from_shape_vec(IxDyn(&[1, h, w_, cin]), x.clone())
+            .unwrap()
+            .into_tensor();
+        let out = conv
+            .eval(&EvalContext::out_of_plan(), tvec!(tensor.into_tvalue()))
+            .unwrap();
+        let mut expected = Vec::new();
+        for oy in 0..h {
+            for ox in 0..w_ {
+                for o in 0..OUTPUTS {
+                    let mut acc = bias[o];
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let (iy, ix) = (oy + ky, ox + kx);
+                            if iy < 1 || ix < 1 || iy > h || ix > w_ {
+                                continue;
+                            }
+                            for c in 0..cin {
+                                let xv = i32::from(x[((iy - 1) * w_ + ix - 1) * cin + c]);
+                                let wv = w[((o * k + ky) * k + kx) * cin + c];
+                                acc += (xv - X_ZP) * (wv - w_zps[o]);
+                            }
+                        }
+                    }
+                    expected.push(reference_output(acc, 0.5 * 0.01 / 0.3, 120));
+                }
+            }
+        }
+        assert_eq!(out[0].as_bytes(), &expected[..]);
     }
 
     #[test]
