@@ -133,7 +133,7 @@ impl Rescale {
             Ok(())
         }
         /// Any chain, any output type: every step per element.
-        fn store_as(
+        fn every_step(
             op: &Rescale,
             out: &mut Tensor,
             values: impl Iterator<Item = f32>,
@@ -147,7 +147,8 @@ impl Rescale {
                 dt => bail!("Rescale: unsupported output type {dt:?}"),
             }
         }
-        fn from_input(
+        /// Picks the loop for the output type.
+        fn by_output_type(
             op: &Rescale,
             out: &mut Tensor,
             values: impl Iterator<Item = f32>,
@@ -161,10 +162,10 @@ impl Rescale {
                         fill(out, values, |x| op.encode(op.real(x), -128.0, 127.0) as i8)
                     }
                     DatumType::U8 => fill(out, values, |x| op.encode(op.real(x), 0.0, 255.0) as u8),
-                    _ => store_as(op, out, values),
+                    _ => every_step(op, out, values),
                 };
             }
-            store_as(op, out, values)
+            every_step(op, out, values)
         }
         ensure!(
             input.len() == out.len(),
@@ -174,21 +175,21 @@ impl Rescale {
         );
         let bytes = input.as_bytes();
         match input.datum_type().unquantized() {
-            DatumType::F32 => from_input(
+            DatumType::F32 => by_output_type(
                 self,
                 out,
                 input.try_as_plain_ram()?.as_slice::<f32>()?.iter().copied(),
             ),
-            DatumType::I8 => from_input(self, out, bytes.iter().map(|&b| f32::from(b as i8))),
-            DatumType::U8 => from_input(self, out, bytes.iter().map(|&b| f32::from(b))),
-            DatumType::I16 => from_input(
+            DatumType::I8 => by_output_type(self, out, bytes.iter().map(|&b| f32::from(b as i8))),
+            DatumType::U8 => by_output_type(self, out, bytes.iter().map(|&b| f32::from(b))),
+            DatumType::I16 => by_output_type(
                 self,
                 out,
                 bytes
                     .chunks_exact(2)
                     .map(|c| f32::from(i16::from_ne_bytes([c[0], c[1]]))),
             ),
-            DatumType::I32 => from_input(
+            DatumType::I32 => by_output_type(
                 self,
                 out,
                 bytes
