@@ -18,8 +18,9 @@
 //! depth multiplier); [`QFullyConnected`] covers FULLY_CONNECTED; [`QAdd`] and [`QMul`] the
 //! element-wise int8 ADD and MUL, inputs quantized alike or not.
 //!
-//! Activations and weights are widened to `i16` so that the inner products compile to
-//! multiply-add instructions (`pmaddwd`) on any x86-64 and to `smlal` on AArch64.
+//! 8-bit activations are read in place; the products accumulate in `i32` blocks held in
+//! registers (portable, vectorized by the compiler) or, on x86-64 with AVX2, two depth rows per
+//! `vpmaddwd` ([`madd`]).
 
 use multiversion::multiversion;
 use tract_core::internal::*;
@@ -256,16 +257,14 @@ impl Channels {
                 weights_t[k * outputs + o] = i32::from(raw[o * depth + k]);
             }
         }
-        // Only x86-64 has the instruction that reads them (elsewhere they would be dead weight).
-        let pairs_len = if cfg!(target_arch = "x86_64") {
-            depth.div_ceil(2) * outputs * 2
-        } else {
-            0
-        };
-        let mut weight_pairs = vec![0i16; pairs_len];
-        for o in (0..outputs).filter(|_| pairs_len > 0) {
-            for k in 0..depth {
-                weight_pairs[((k / 2) * outputs + o) * 2 + k % 2] = raw[o * depth + k];
+        // Only AVX2 has the instruction that reads them: elsewhere they would be dead weight.
+        let mut weight_pairs = Vec::new();
+        if avx2() {
+            weight_pairs = vec![0i16; depth.div_ceil(2) * outputs * 2];
+            for o in 0..outputs {
+                for k in 0..depth {
+                    weight_pairs[((k / 2) * outputs + o) * 2 + k % 2] = raw[o * depth + k];
+                }
             }
         }
         let multipliers = (0..outputs)
@@ -312,7 +311,7 @@ impl Channels {
     /// Accumulates `(x[k] - x_zp) * w[first + k][..]` into `acc` for every segment
     /// `(first, x)` of input values (a fully-connected row is one segment, a convolution's
     /// receptive field one per kernel tap); returns `sum(x - x_zp)` when the weights have zero
-    /// points (else 0: nothing reads it). `paired` is the same input as [`Channels::pair`] packs
+    /// points (otherwise unspecified: nothing reads it). `paired` is the same input as [`Channels::pair`] packs
     /// it, or empty where [`Channels::pairs_help`] says no.
     ///
     /// Outputs go in blocks of 32, 16 and 8 whose accumulators stay in registers across the whole
@@ -399,11 +398,14 @@ impl Channels {
         acc[start..start + N].copy_from_slice(&block);
     }
 
-    /// Whether [`madd`] can take inputs of type `T` here: 8-bit values (minus their zero point
-    /// they fit the `i16` it multiplies), a whole block of outputs, AVX2.
+    /// Whether [`madd`] can take inputs of type `T` here: 8-bit values (minus an 8-bit zero point
+    /// they fit the `i16` it multiplies), a whole block of outputs, AVX2 (weight pairs built).
     #[inline(always)]
     fn pairs_help<T>(&self) -> bool {
-        size_of::<T>() == 1 && self.outputs >= 8 && avx2()
+        size_of::<T>() == 1
+            && self.x_zero_point.unsigned_abs() <= 255
+            && self.outputs >= 8
+            && !self.weight_pairs.is_empty()
     }
 
     /// Appends `x` (starting at an even depth row) as pairs of rows
@@ -1224,6 +1226,55 @@ mod tests {
                         })
                         .sum::<i32>();
                 reference_output(acc, 0.5 * 0.01 / 0.3, 120)
+            })
+            .collect();
+        assert_eq!(out[0].as_bytes(), &expected[..]);
+    }
+
+    #[test]
+    fn an_int8_fully_connected_layer_matches_the_direct_sum() {
+        // i8 input (negative values, zero point -5), odd depth, 13 outputs (a block of 8 and 5
+        // more), weight zero points 0 as in int8 TFLite models (the sum pass is skipped).
+        let (depth, outputs, rows) = (9, 13, 2);
+        let w = values(outputs * depth, 6, -128, 127);
+        let bias = values(outputs, 7, -3000, 3000);
+        let weights = ArrayD::from_shape_vec(
+            IxDyn(&[outputs, depth]),
+            w.iter().map(|&v| v as i8).collect(),
+        )
+        .unwrap()
+        .into_tensor();
+        let channels =
+            Channels::new(&weights, Some(&tensor1(&bias)), -5, 0.5, &[0.01], &[0], 0.3).unwrap();
+        let op = QFullyConnected {
+            channels,
+            output: IntOutput {
+                zero_point: -3,
+                min: -128,
+                max: 127,
+                dt: DatumType::I8,
+            },
+        };
+        let x: Vec<i8> = values(rows * depth, 8, -128, 127)
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| if i % 4 == 0 { -5 } else { v as i8 })
+            .collect();
+        let tensor = ArrayD::from_shape_vec(IxDyn(&[rows, depth]), x.clone())
+            .unwrap()
+            .into_tensor();
+        let out = op
+            .eval(&EvalContext::out_of_plan(), tvec!(tensor.into_tvalue()))
+            .unwrap();
+        let expected: Vec<u8> = (0..rows * outputs)
+            .map(|i| {
+                let (r, o) = (i / outputs, i % outputs);
+                let acc = bias[o]
+                    + (0..depth)
+                        .map(|k| (i32::from(x[r * depth + k]) + 5) * w[o * depth + k])
+                        .sum::<i32>();
+                let y = Multiplier::new(0.5 * 0.01 / 0.3).apply(acc) - 3;
+                y.clamp(-128, 127) as i8 as u8
             })
             .collect();
         assert_eq!(out[0].as_bytes(), &expected[..]);

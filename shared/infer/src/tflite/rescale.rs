@@ -93,9 +93,22 @@ impl Rescale {
             DatumType::I8 => self.encode(real, -128.0, 127.0),
             DatumType::U8 => self.encode(real, 0.0, 255.0),
             DatumType::I16 => self.encode(real, -32768.0, 32767.0),
-            // The largest f32 below 2^31, so that the cast cannot overflow.
+            // The largest f32 below 2^31, so that the cast cannot overflow. Other types never
+            // get here: `write` refuses them, and `declutter` does not merge them.
             _ => self.encode(real, -2_147_483_648.0, 2_147_483_520.0),
         }
+    }
+
+    /// Whether every step's output type is one `apply` encodes.
+    fn encodings_supported(&self) -> bool {
+        let supported = [
+            DatumType::F32,
+            DatumType::I8,
+            DatumType::U8,
+            DatumType::I16,
+            DatumType::I32,
+        ];
+        supported.contains(&self.out) && self.then.as_ref().is_none_or(|t| t.encodings_supported())
     }
 
     /// An input element decoded to a real number and clamped. Without a branch (an identity
@@ -266,14 +279,17 @@ impl TypedOp for Rescale {
         model: &TypedModel,
         node: &TypedNode,
     ) -> TractResult<Option<TypedModelPatch>> {
-        let Some(prec) = sole_producer(model, node)? else {
+        let Some(prec) = sole_producer(model, node)?.filter(|_| self.encodings_supported()) else {
             return Ok(None);
         };
-        if let Some(first) = prec.op_as::<Rescale>() {
+        if let Some(first) = prec.op_as::<Rescale>().filter(|r| r.encodings_supported()) {
             let merged = first.clone().followed_by(self.clone());
             return TypedModelPatch::fuse_with_next(model, prec, merged).map(Some);
         }
-        if let Some(softmax) = prec.op_as::<QSoftmax>() {
+        if let Some(softmax) = prec
+            .op_as::<QSoftmax>()
+            .filter(|s| s.encode.encodings_supported())
+        {
             let merged = QSoftmax {
                 encode: softmax.encode.clone().followed_by(self.clone()),
                 ..softmax.clone()
@@ -288,7 +304,7 @@ impl TypedOp for Rescale {
 
 /// `f32::round` (ties away from zero, as TFLite rounds) without its library call, which costs
 /// more than the rest of a rescale. Beyond the `i32` range the value saturates, and every caller
-/// clamps to a narrower range after.
+/// clamps to a narrower range after. NaN becomes 0, so it is stored as the zero point (real 0).
 #[inline(always)]
 fn round_half_away_from_zero(x: f32) -> f32 {
     let truncated = x as i32 as f32;
@@ -355,12 +371,11 @@ impl EvalOp for QSoftmax {
 
 /// `softmax(beta * x)` in place, in `f32` with the standard library's `exp`.
 fn softmax(values: &mut [f32], beta: f32) {
-    let max = values
-        .iter()
-        .fold(f32::NEG_INFINITY, |m, &v| m.max(v * beta));
+    // As TFLite's float reference: `exp((x - max) * beta)`.
+    let max = values.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     let mut sum = 0.0;
     for v in values.iter_mut() {
-        *v = (*v * beta - max).exp();
+        *v = ((*v - max) * beta).exp();
         sum += *v;
     }
     for v in values.iter_mut() {
