@@ -311,8 +311,8 @@ impl Channels {
     /// Accumulates `(x[k] - x_zp) * w[first + k][..]` into `acc` for every segment
     /// `(first, x)` of input values (a fully-connected row is one segment, a convolution's
     /// receptive field one per kernel tap); returns `sum(x - x_zp)` when the weights have zero
-    /// points (otherwise unspecified: nothing reads it). `paired` is the same input as [`Channels::pair`] packs
-    /// it, or empty where [`Channels::pairs_help`] says no.
+    /// points (otherwise unspecified: nothing reads it). `paired` is the same input as
+    /// [`Channels::pair`] packs it, or empty where [`Channels::pairs_help`] says no.
     ///
     /// Outputs go in blocks of 32, 16 and 8 whose accumulators stay in registers across the whole
     /// depth: updating them in memory for every input value made the layers load-store bound.
@@ -1128,6 +1128,15 @@ mod tests {
         assert_eq!(QConv::geometry(5, 3, 1, 1, false), (3, 0));
     }
 
+    /// `op` on one input tensor of `shape`; its output's bytes.
+    fn eval_on<T: Datum + Copy>(op: &impl EvalOp, shape: &[usize], values: &[T]) -> Vec<u8> {
+        let input = Tensor::from_shape(shape, values).unwrap();
+        let out = op
+            .eval(&EvalContext::out_of_plan(), tvec!(input.into_tvalue()))
+            .unwrap();
+        out[0].as_bytes().to_vec()
+    }
+
     /// Deterministic values in `lo..=hi`.
     fn values(n: usize, seed: u32, lo: i32, hi: i32) -> Vec<i32> {
         let mut state = seed;
@@ -1153,12 +1162,8 @@ mod tests {
         let w = values(OUTPUTS * depth, 1, 0, 255);
         let w_zps = values(OUTPUTS, 2, 100, 150);
         let bias = values(OUTPUTS, 3, -5000, 5000);
-        let weights = ArrayD::from_shape_vec(
-            IxDyn(&[OUTPUTS, depth]),
-            w.iter().map(|&v| v as u8).collect(),
-        )
-        .unwrap()
-        .into_tensor();
+        let raw: Vec<u8> = w.iter().map(|&v| v as u8).collect();
+        let weights = Tensor::from_shape(&[OUTPUTS, depth], &raw).unwrap();
         let channels = Channels::new(
             &weights,
             Some(&tensor1(&bias)),
@@ -1198,24 +1203,11 @@ mod tests {
             output: u8_output(),
         };
         let x = input(rows * depth, 4);
-        let tensor = ArrayD::from_shape_vec(IxDyn(&[rows, depth]), x.clone())
-            .unwrap()
-            .into_tensor();
-        let out = op
-            .eval(&EvalContext::out_of_plan(), tvec!(tensor.into_tvalue()))
-            .unwrap();
+        let out = eval_on(&op, &[rows, depth], &x);
         // 16-bit inputs take the portable register blocks, 8-bit ones on AVX2 the paired
         // multiply-adds: both must give the same answer.
-        let wide = ArrayD::from_shape_vec(
-            IxDyn(&[rows, depth]),
-            x.iter().map(|&v| i16::from(v)).collect(),
-        )
-        .unwrap()
-        .into_tensor();
-        let out16 = op
-            .eval(&EvalContext::out_of_plan(), tvec!(wide.into_tvalue()))
-            .unwrap();
-        assert_eq!(out16[0].as_bytes(), out[0].as_bytes());
+        let wide: Vec<i16> = x.iter().map(|&v| i16::from(v)).collect();
+        assert_eq!(eval_on(&op, &[rows, depth], &wide), out);
         let expected: Vec<u8> = (0..rows * OUTPUTS)
             .map(|i| {
                 let (r, o) = (i / OUTPUTS, i % OUTPUTS);
@@ -1228,7 +1220,7 @@ mod tests {
                 reference_output(acc, 0.5 * 0.01 / 0.3, 120)
             })
             .collect();
-        assert_eq!(out[0].as_bytes(), &expected[..]);
+        assert_eq!(out, expected);
     }
 
     #[test]
@@ -1238,12 +1230,8 @@ mod tests {
         let (depth, outputs, rows) = (9, 13, 2);
         let w = values(outputs * depth, 6, -128, 127);
         let bias = values(outputs, 7, -3000, 3000);
-        let weights = ArrayD::from_shape_vec(
-            IxDyn(&[outputs, depth]),
-            w.iter().map(|&v| v as i8).collect(),
-        )
-        .unwrap()
-        .into_tensor();
+        let raw: Vec<i8> = w.iter().map(|&v| v as i8).collect();
+        let weights = Tensor::from_shape(&[outputs, depth], &raw).unwrap();
         let channels =
             Channels::new(&weights, Some(&tensor1(&bias)), -5, 0.5, &[0.01], &[0], 0.3).unwrap();
         let op = QFullyConnected {
@@ -1260,12 +1248,7 @@ mod tests {
             .enumerate()
             .map(|(i, v)| if i % 4 == 0 { -5 } else { v as i8 })
             .collect();
-        let tensor = ArrayD::from_shape_vec(IxDyn(&[rows, depth]), x.clone())
-            .unwrap()
-            .into_tensor();
-        let out = op
-            .eval(&EvalContext::out_of_plan(), tvec!(tensor.into_tvalue()))
-            .unwrap();
+        let out = eval_on(&op, &[rows, depth], &x);
         let expected: Vec<u8> = (0..rows * outputs)
             .map(|i| {
                 let (r, o) = (i / outputs, i % outputs);
@@ -1277,7 +1260,7 @@ mod tests {
                 y.clamp(-128, 127) as i8 as u8
             })
             .collect();
-        assert_eq!(out[0].as_bytes(), &expected[..]);
+        assert_eq!(out, expected);
     }
 
     #[test]
@@ -1304,12 +1287,7 @@ mod tests {
             in_channels: cin,
         };
         let x = input(h * w_ * cin, 5);
-        let tensor = ArrayD::from_shape_vec(IxDyn(&[1, h, w_, cin]), x.clone())
-            .unwrap()
-            .into_tensor();
-        let out = conv
-            .eval(&EvalContext::out_of_plan(), tvec!(tensor.into_tvalue()))
-            .unwrap();
+        let out = eval_on(&conv, &[1, h, w_, cin], &x);
         let mut expected = Vec::new();
         for oy in 0..h {
             for ox in 0..w_ {
@@ -1332,7 +1310,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(out[0].as_bytes(), &expected[..], "{cin} input channels");
+        assert_eq!(out, expected, "{cin} input channels");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use tract_core::ops::cast::cast;
 use tract_core::ops::change_axes::wire_with_rank_broadcast;
 use tract_core::ops::cnn::{Conv, KernelFormat, MaxPool, PaddingSpec, PoolSpec, SumPool};
 use tract_core::ops::einsum::EinSum;
-use tract_core::ops::nn::{DataFormat, Reduce, Reducer, Softmax};
+use tract_core::ops::nn::{DataFormat, Reduce, Reducer};
 use tract_tflite::tflite::{
     self as fb, ActivationFunctionType, BuiltinOperator, Padding, TensorType,
 };
@@ -747,7 +747,7 @@ impl<'m> Frontend<'m> {
         Ok(())
     }
 
-    /// SOFTMAX over the last axis; on 8- and 16-bit or float data, one [`QSoftmax`] op.
+    /// SOFTMAX over the last axis as one [`QSoftmax`] op (float16 input cast to `f32` first).
     fn softmax(
         &mut self,
         op: &fb::Operator,
@@ -759,45 +759,31 @@ impl<'m> Frontend<'m> {
             .builtin_options_as_softmax_options()
             .map(|o| o.beta())
             .unwrap_or(1.0);
-        let x = self.input(input)?;
-        let q = self
+        let mut x = self.input(input)?;
+        let mut q = self
             .q(input)?
             .filter(|_| self.dt(input).ok() != Some(DatumType::F32));
-        let in_dt = self.target.outlet_fact(x)?.datum_type.unquantized();
+        if self.target.outlet_fact(x)?.datum_type == DatumType::F16 {
+            x = self.decode(name, x, None)?;
+            q = None;
+        }
         let out_dt = self.dt(out)?;
-        let plain = [DatumType::F32, DatumType::I8, DatumType::U8, DatumType::I16];
-        if plain.contains(&in_dt) && plain.contains(&out_dt) {
-            // One op for decode, softmax and encode (small classifiers end with this).
-            let to = if out_dt == DatumType::F32 {
-                None
-            } else {
-                self.q(out)?
-            };
-            let op = QSoftmax {
-                decode: Rescale::new(q, None, DatumType::F32),
-                beta,
-                encode: Rescale::new(None, to, out_dt),
-            };
-            return self.node(name, op, &[x]);
-        }
-        let mut real = self.decode(name, x, q)?;
-        if beta != 1.0 {
-            let b = self.add_const(&format!("{name}.beta"), tensor0(beta))?;
-            real = wire_with_rank_broadcast(
-                format!("{name}.scale"),
-                &mut self.target,
-                tract_core::ops::math::mul(),
-                &[real, b],
-            )?[0];
-        }
-        let rank = self.target.outlet_fact(real)?.rank();
-        let softmax = Softmax {
-            axes: tvec!(rank - 1),
-            quant_output_dt: None,
-            ..Softmax::default()
+        let encodings = [DatumType::F32, DatumType::I8, DatumType::U8, DatumType::I16];
+        ensure!(
+            encodings.contains(&out_dt),
+            "SOFTMAX output of type {out_dt:?} is not supported (f32, int8, uint8, int16 are)"
+        );
+        let to = if out_dt == DatumType::F32 {
+            None
+        } else {
+            self.q(out)?
         };
-        let y = self.node(&format!("{name}.softmax"), softmax, &[real])?;
-        self.encode(name, y, out, f32::NEG_INFINITY, f32::INFINITY)
+        let op = QSoftmax {
+            decode: Rescale::new(q, None, DatumType::F32),
+            beta,
+            encode: Rescale::new(None, to, out_dt),
+        };
+        self.node(name, op, &[x])
     }
 
     fn dequantize(&mut self, name: &str, ix: i32) -> TractResult<OutletId> {
