@@ -1,5 +1,5 @@
 //! Integer kernels with exact requantization: TFLite's fixed-point arithmetic (the TFLite
-//! frontend), or ONNX Runtime's `f32` scale rounded half to even ([`Requantize::Float`], for ONNX
+//! frontend), or ONNX Runtime's `f32` scale rounded half to even ([`Requantization::Float`], for ONNX
 //! `QLinearMatMul`).
 //!
 //! tract 0.23's int8 matrix products are correct but slow on the small shapes microcontroller-class
@@ -54,7 +54,8 @@ impl Multiplier {
             shift -= 1;
         }
         let mut fixed = (q * (1i64 << 31) as f64).round() as i64;
-        if fixed == 1i64 << 31 {
+        // Also for a (meaningless) negative scale, so that the multiplier is never `i32::MIN`.
+        if fixed.abs() == 1i64 << 31 {
             fixed /= 2;
             shift += 1;
         }
@@ -72,55 +73,93 @@ impl Multiplier {
 
     /// TFLite's `MultiplyByQuantizedMultiplier`.
     pub(crate) fn apply(self, x: i32) -> i32 {
-        let left = self.shift.max(0);
-        let right = (-self.shift).max(0);
+        let left = self.shift.max(0) as u32;
+        let right = (-self.shift).max(0) as u32;
         rounding_divide_by_pot(
-            saturating_rounding_doubling_high_mul(x.wrapping_shl(left as u32), self.multiplier),
+            rounding_doubling_high_mul(x.wrapping_shl(left), self.multiplier),
             right,
         )
     }
 }
 
-/// How accumulators become output integers: TFLite's fixed-point multiplier, or ONNX Runtime's
-/// `f32` scale rounded half to even (`MlasRequantizeOutput`), each bit-exact with its runtime.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum Requantize {
-    /// TFLite: [`Multiplier::apply`].
-    FixedPoint(Multiplier),
-    /// ONNX Runtime: `round_ties_even(acc as f32 * scale)`; the scale's bits, for `Hash`.
-    Float(u32),
+/// How accumulators become output integers, one entry per output channel: TFLite's fixed-point
+/// multiplier, or ONNX Runtime's `f32` scale rounded half to even (`MlasRequantizeOutput`), each
+/// bit-exact with its runtime.
+///
+/// Kept as plain arrays, not one enum per channel, so that [`Requantization::apply`] is a
+/// straight loop the compiler vectorizes (on AVX2: `vpmuldq` for the 64-bit products, `vpsllvd` /
+/// `vpsravd` for the per-channel shifts). Per channel and in scalar `i64`, it had become a large
+/// share of a convolution model's time once the products themselves were vectorized.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Requantization {
+    /// TFLite: [`Multiplier::apply`] for each channel, split into its parts.
+    FixedPoint {
+        multiplier: Vec<i32>,
+        left: Vec<u32>,
+        right: Vec<u32>,
+    },
+    /// ONNX Runtime: `round_ties_even(acc as f32 * scale)`; the scales' bits, for `Hash`.
+    Float(Vec<u32>),
 }
 
-impl Requantize {
-    #[inline]
-    fn apply(self, acc: i32) -> i32 {
+impl Requantization {
+    fn fixed_point(multipliers: impl Iterator<Item = Multiplier>) -> Self {
+        let (mut multiplier, mut left, mut right) = (Vec::new(), Vec::new(), Vec::new());
+        for m in multipliers {
+            multiplier.push(m.multiplier);
+            left.push(m.shift.max(0) as u32);
+            right.push((-m.shift).max(0) as u32);
+        }
+        Requantization::FixedPoint {
+            multiplier,
+            left,
+            right,
+        }
+    }
+
+    /// `acc[o]` requantized by channel `o`'s multiplier, plus `zero_point`.
+    #[inline(always)]
+    fn apply(&self, acc: &mut [i32], zero_point: i32) {
         match self {
-            Requantize::FixedPoint(m) => m.apply(acc),
+            Requantization::FixedPoint {
+                multiplier,
+                left,
+                right,
+            } => {
+                for (((a, &m), &l), &r) in acc.iter_mut().zip(multiplier).zip(left).zip(right) {
+                    *a =
+                        rounding_divide_by_pot(rounding_doubling_high_mul(a.wrapping_shl(l), m), r)
+                            + zero_point;
+                }
+            }
             // Saturating: far out of range either way, and clamped to the output type after.
-            Requantize::Float(bits) => {
-                ((acc as f32) * f32::from_bits(bits)).round_ties_even() as i32
+            Requantization::Float(bits) => {
+                for (a, &s) in acc.iter_mut().zip(bits) {
+                    *a = ((*a as f32) * f32::from_bits(s)).round_ties_even() as i32 + zero_point;
+                }
             }
         }
     }
 }
 
-fn saturating_rounding_doubling_high_mul(a: i32, b: i32) -> i32 {
-    if a == i32::MIN && b == i32::MIN {
-        return i32::MAX;
-    }
-    let ab = i64::from(a) * i64::from(b);
-    let nudge: i64 = if ab >= 0 { 1 << 30 } else { 1 - (1 << 30) };
-    // C++ integer division truncates toward zero; so does Rust's.
-    ((ab + nudge) / (1i64 << 31)) as i32
+/// gemmlowp's `SaturatingRoundingDoublingHighMul` without its one saturating case, `a == b ==
+/// i32::MIN`, which cannot occur: [`Multiplier::new`] never makes `i32::MIN` (see there).
+///
+/// gemmlowp adds `2^30` to a non-negative product and `1 - 2^30` to a negative one, then divides
+/// by `2^31` truncating toward zero. For a negative product that truncation is the floor of
+/// `(ab + 1 - 2^30 + 2^31 - 1) / 2^31`, the same as the non-negative case's floor of
+/// `(ab + 2^30) / 2^31`; so one branch-free arithmetic shift does both.
+#[inline(always)]
+fn rounding_doubling_high_mul(a: i32, b: i32) -> i32 {
+    ((i64::from(a) * i64::from(b) + (1 << 30)) >> 31) as i32
 }
 
-fn rounding_divide_by_pot(x: i32, exponent: i32) -> i32 {
-    if exponent <= 0 {
-        return x;
-    }
-    let mask = (1i64 << exponent) - 1;
-    let remainder = i64::from(x) & mask;
-    let threshold = (mask >> 1) + i64::from(x < 0);
+/// gemmlowp's `RoundingDivideByPOT` (`exponent` in `0..32`): `x / 2^exponent`, ties away from zero.
+#[inline(always)]
+fn rounding_divide_by_pot(x: i32, exponent: u32) -> i32 {
+    let mask = ((1u32 << exponent) - 1) as i32;
+    let remainder = x & mask;
+    let threshold = (mask >> 1) + i32::from(x < 0);
     (x >> exponent) + i32::from(remainder > threshold)
 }
 
@@ -213,7 +252,7 @@ pub(crate) struct Channels {
     /// The bias; with non-zero weight zero points also `-w_zp[o] * sum(x - x_zp)` at run time.
     bias: Vec<i32>,
     weight_zero_points: Option<Vec<i32>>,
-    multipliers: Vec<Requantize>,
+    requantization: Requantization,
 }
 
 impl Channels {
@@ -267,13 +306,9 @@ impl Channels {
                 }
             }
         }
-        let multipliers = (0..outputs)
-            .map(|o| {
-                Requantize::FixedPoint(Multiplier::new(
-                    f64::from(x_scale) * f64::from(pick(w_scales, o)) / f64::from(y_scale),
-                ))
-            })
-            .collect();
+        let requantization = Requantization::fixed_point((0..outputs).map(|o| {
+            Multiplier::new(f64::from(x_scale) * f64::from(pick(w_scales, o)) / f64::from(y_scale))
+        }));
         let weight_zero_points = (0..outputs)
             .any(|o| pick_zp(o) != 0)
             .then(|| (0..outputs).map(pick_zp).collect());
@@ -285,7 +320,7 @@ impl Channels {
             x_zero_point,
             bias,
             weight_zero_points,
-            multipliers,
+            requantization,
         })
     }
 
@@ -297,14 +332,15 @@ impl Channels {
         w_scales: &[f32],
         y_scale: f32,
     ) -> Self {
-        for (o, m) in self.multipliers.iter_mut().enumerate() {
+        let scale = |o: usize| {
             let w = if w_scales.len() == 1 {
                 w_scales[0]
             } else {
                 w_scales[o]
             };
-            *m = Requantize::Float((x_scale * w / y_scale).to_bits());
-        }
+            (x_scale * w / y_scale).to_bits()
+        };
+        self.requantization = Requantization::Float((0..self.outputs).map(scale).collect());
         self
     }
 
@@ -425,12 +461,12 @@ impl Channels {
     /// Turns accumulators (bias included) into outputs with zero point, not yet clamped.
     #[inline(always)]
     fn finish(&self, acc: &mut [i32], sum_xs: i32, zero_point: i32) {
-        for (o, a) in acc.iter_mut().enumerate() {
-            if let Some(wz) = &self.weight_zero_points {
-                *a -= wz[o] * sum_xs;
+        if let Some(wz) = &self.weight_zero_points {
+            for (a, &z) in acc.iter_mut().zip(wz) {
+                *a -= z * sum_xs;
             }
-            *a = self.multipliers[o].apply(*a) + zero_point;
         }
+        self.requantization.apply(acc, zero_point);
     }
 }
 
@@ -566,10 +602,11 @@ impl QConv {
     }
 }
 
-/// Depthwise with multiplier 1: every channel reads only itself, so the update for one tap is
-/// an element-wise product over channels. Compiled for AVX2 and SSE4.1 too, chosen at run time.
+/// Depthwise with multiplier 1: every channel reads only itself, so one output pixel is, per
+/// block of channels, a sum over the kernel taps of element-wise products. Compiled for AVX2 and
+/// SSE4.1 too, chosen at run time.
 #[multiversion(targets("x86_64+avx2", "x86_64+sse4.1"))]
-fn depthwise(conv: &QConv, x: &[i16], n: usize, h: usize, w: usize) -> Vec<i32> {
+fn depthwise<T: Copy + Into<i32>>(conv: &QConv, x: &[T], n: usize, h: usize, w: usize) -> Vec<i32> {
     {
         let this = conv;
         let c = &this.channels;
@@ -577,37 +614,46 @@ fn depthwise(conv: &QConv, x: &[i16], n: usize, h: usize, w: usize) -> Vec<i32> 
         let [kh, kw] = this.kernel;
         let [oh, ow] = this.out_hw;
         let mut out = Vec::with_capacity(n * oh * ow * channels);
-        let mut xs = vec![0i32; channels];
-        let mut acc = vec![0i32; channels];
+        // The taps inside the input for one output pixel: (input offset, weight row offset).
+        let mut taps = Vec::with_capacity(kh * kw);
         for b in 0..n {
             for oy in 0..oh {
                 for ox in 0..ow {
-                    acc.copy_from_slice(&c.bias);
+                    taps.clear();
                     for ky in 0..kh {
                         let Some(iy) = this.source(0, oy, ky, h) else {
                             continue;
                         };
                         for kx in 0..kw {
-                            let Some(ix) = this.source(1, ox, kx, w) else {
-                                continue;
-                            };
-                            let start = ((b * h + iy) * w + ix) * channels;
-                            for (d, &v) in xs.iter_mut().zip(&x[start..start + channels]) {
-                                *d = i32::from(v) - c.x_zero_point;
-                            }
-                            let tap = (ky * kw + kx) * channels;
-                            for ((a, &v), &wv) in acc
-                                .iter_mut()
-                                .zip(&xs)
-                                .zip(&c.weights_t[tap..tap + channels])
-                            {
-                                *a += v * wv;
+                            if let Some(ix) = this.source(1, ox, kx, w) {
+                                let at = ((b * h + iy) * w + ix) * channels;
+                                taps.push((at, (ky * kw + kx) * channels));
                             }
                         }
                     }
+                    let first = out.len();
+                    out.extend_from_slice(&c.bias);
+                    let acc = &mut out[first..];
+                    let mut start = 0;
+                    while channels - start >= 32 {
+                        depthwise_block::<32, T>(c, acc, start, x, &taps);
+                        start += 32;
+                    }
+                    if channels - start >= 16 {
+                        depthwise_block::<16, T>(c, acc, start, x, &taps);
+                        start += 16;
+                    }
+                    if channels - start >= 8 {
+                        depthwise_block::<8, T>(c, acc, start, x, &taps);
+                        start += 8;
+                    }
+                    for &(at, row) in &taps {
+                        for ch in start..channels {
+                            acc[ch] += (x[at + ch].into() - c.x_zero_point) * c.weights_t[row + ch];
+                        }
+                    }
                     // Weight zero points are zero in int8 depthwise models (checked at load).
-                    c.finish(&mut acc, 0, this.output.zero_point);
-                    out.extend_from_slice(&acc);
+                    c.finish(acc, 0, this.output.zero_point);
                 }
             }
         }
@@ -615,10 +661,39 @@ fn depthwise(conv: &QConv, x: &[i16], n: usize, h: usize, w: usize) -> Vec<i32> 
     }
 }
 
+/// [`depthwise`] for channels `start..start + N` of one output pixel, held in registers across
+/// the taps.
+#[inline(always)]
+fn depthwise_block<const N: usize, T: Copy + Into<i32>>(
+    c: &Channels,
+    acc: &mut [i32],
+    start: usize,
+    x: &[T],
+    taps: &[(usize, usize)],
+) {
+    let mut block: [i32; N] = acc[start..start + N].try_into().expect("N channels");
+    for &(at, row) in taps {
+        let xs: &[T; N] = x[at + start..at + start + N].try_into().expect("N inputs");
+        let ws: &[i32; N] = c.weights_t[row + start..row + start + N]
+            .try_into()
+            .expect("N weights");
+        for ((a, &v), &wv) in block.iter_mut().zip(xs).zip(ws) {
+            *a += (v.into() - c.x_zero_point) * wv;
+        }
+    }
+    acc[start..start + N].copy_from_slice(&block);
+}
+
 /// Any grouping: per output pixel, the receptive field of each group updates that group's output
 /// channels. Compiled for AVX2 and SSE4.1 too, chosen at run time.
 #[multiversion(targets("x86_64+avx2", "x86_64+sse4.1"))]
-fn grouped<T: Copy + Into<i32>>(conv: &QConv, x: &[T], n: usize, h: usize, w: usize) -> Vec<i32> {
+fn grouped<T: Copy + Into<i32> + TryFrom<i32>>(
+    conv: &QConv,
+    x: &[T],
+    n: usize,
+    h: usize,
+    w: usize,
+) -> Vec<i32> {
     {
         let this = conv;
         let c = &this.channels;
@@ -634,10 +709,18 @@ fn grouped<T: Copy + Into<i32>>(conv: &QConv, x: &[T], n: usize, h: usize, w: us
         let mut segments: Vec<(usize, &[T])> = Vec::with_capacity(kh * kw);
         let mut paired: Vec<(usize, &[i32])> = Vec::with_capacity(kh * kw);
         let mut pairs = Vec::new();
-        if this.groups == 1 && this.in_channels.is_multiple_of(2) && c.pairs_help::<T>() {
+        let pairable = this.groups == 1 && c.pairs_help::<T>();
+        if pairable && this.in_channels.is_multiple_of(2) {
             pairs.reserve(x.len() / 2);
             c.pair(x, &mut pairs);
         }
+        // With an odd channel count (an RGB image's first layer) pairs would straddle taps: the
+        // receptive field is gathered into one row instead (padding as the zero point, which
+        // contributes nothing) and packed per output pixel. Pairing is worth the copy: the
+        // portable path had made a 3-channel first layer a quarter of a model's time.
+        let gather = pairable && !this.in_channels.is_multiple_of(2);
+        let (mut field, mut field_pairs) = (Vec::new(), Vec::new());
+        let padding = T::try_from(c.x_zero_point).ok();
         for b in 0..n {
             for oy in 0..oh {
                 for ox in 0..ow {
@@ -663,6 +746,18 @@ fn grouped<T: Copy + Into<i32>>(conv: &QConv, x: &[T], n: usize, h: usize, w: us
                                     paired.push((tap / 2, values));
                                 }
                             }
+                        }
+                        if let (true, Some(padding)) = (gather, padding) {
+                            field.clear();
+                            field.resize(c.depth, padding);
+                            for &(tap, values) in &segments {
+                                field[tap..tap + values.len()].copy_from_slice(values);
+                            }
+                            field_pairs.clear();
+                            c.pair(&field, &mut field_pairs);
+                            let whole = [(0, &field_pairs[..])];
+                            *sum = c.accumulate(&mut acc, &segments, &whole);
+                            continue;
                         }
                         if this.groups == 1 {
                             *sum = c.accumulate(&mut acc, &segments, &paired);
@@ -690,9 +785,8 @@ fn grouped<T: Copy + Into<i32>>(conv: &QConv, x: &[T], n: usize, h: usize, w: us
                             *a -= wz[o] * sums[o / per_group_out];
                         }
                     }
-                    for (o, a) in acc.iter().enumerate() {
-                        out.push(c.multipliers[o].apply(*a) + this.output.zero_point);
-                    }
+                    c.requantization.apply(&mut acc, this.output.zero_point);
+                    out.extend_from_slice(&acc);
                 }
             }
         }
@@ -722,16 +816,15 @@ impl EvalOp for QConv {
             && self.channels.outputs == self.in_channels
             && self.channels.weight_zero_points.is_none();
         let input = &inputs[0];
-        let out = if channel_wise {
-            depthwise(self, &widen(input)?, n, h, w)
-        } else {
-            // 8-bit values are read in place (and take the paired multiply-add path).
-            let bytes = input.as_bytes();
-            match input.datum_type().unquantized() {
-                DatumType::I8 => grouped(self, bytemuck_i8(bytes), n, h, w),
-                DatumType::U8 => grouped(self, bytes, n, h, w),
-                _ => grouped(self, &widen(input)?, n, h, w),
-            }
+        // 8-bit values are read in place (and, in `grouped`, take the paired multiply-add path).
+        let bytes = input.as_bytes();
+        let out = match (channel_wise, input.datum_type().unquantized()) {
+            (true, DatumType::I8) => depthwise(self, bytemuck_i8(bytes), n, h, w),
+            (true, DatumType::U8) => depthwise(self, bytes, n, h, w),
+            (true, _) => depthwise(self, &widen(input)?, n, h, w),
+            (false, DatumType::I8) => grouped(self, bytemuck_i8(bytes), n, h, w),
+            (false, DatumType::U8) => grouped(self, bytes, n, h, w),
+            (false, _) => grouped(self, &widen(input)?, n, h, w),
         };
         let [oh, ow] = self.out_hw;
         Ok(tvec!(
@@ -1119,6 +1212,98 @@ mod tests {
         }
     }
 
+    /// gemmlowp's `SaturatingRoundingDoublingHighMul` as written there: the sign-dependent nudge,
+    /// then a division truncating toward zero.
+    fn gemmlowp_high_mul(a: i32, b: i32) -> i32 {
+        if a == i32::MIN && b == i32::MIN {
+            return i32::MAX;
+        }
+        let ab = i64::from(a) * i64::from(b);
+        let nudge: i64 = if ab >= 0 { 1 << 30 } else { 1 - (1 << 30) };
+        ((ab + nudge) / (1i64 << 31)) as i32
+    }
+
+    #[test]
+    fn the_branch_free_high_multiply_equals_gemmlowps() {
+        let edges = [
+            i32::MIN,
+            i32::MIN + 1,
+            -(1 << 30) - 1,
+            -(1 << 30),
+            -3,
+            -1,
+            0,
+            1,
+            3,
+        ]
+        .into_iter()
+        .chain([1 << 30, (1 << 30) + 1, i32::MAX - 1, i32::MAX]);
+        let mut cases: Vec<(i32, i32)> = Vec::new();
+        for a in edges.clone() {
+            // Multipliers are never i32::MIN (Multiplier::new), the one case not covered.
+            for b in edges.clone().filter(|&b| b != i32::MIN) {
+                cases.push((a, b));
+            }
+        }
+        let a = full_range(4000, 11);
+        let b = full_range(4000, 12)
+            .into_iter()
+            .map(|b| (b.unsigned_abs() >> 1).max(1 << 30) as i32);
+        cases.extend(a.into_iter().zip(b));
+        // Products that land exactly on a half (±1.5, ±2.5 in units of 2^31).
+        cases.extend([(3 << 29, 2), (-(3 << 29), 2), (5 << 28, 4), (-(5 << 28), 4)]);
+        for (a, b) in cases {
+            assert_eq!(
+                rounding_doubling_high_mul(a, b),
+                gemmlowp_high_mul(a, b),
+                "{a} * {b}"
+            );
+        }
+        assert_eq!(Multiplier::new(-1.0 + 1e-12).multiplier, -(1 << 30));
+    }
+
+    #[test]
+    fn the_rounding_shift_equals_gemmlowps_for_every_exponent() {
+        // gemmlowp's RoundingDivideByPOT, computed in i64.
+        let reference = |x: i32, exponent: u32| {
+            let mask = (1i64 << exponent) - 1;
+            let remainder = i64::from(x) & mask;
+            let threshold = (mask >> 1) + i64::from(x < 0);
+            (x >> exponent) + i32::from(remainder > threshold)
+        };
+        let xs = full_range(500, 13);
+        for exponent in 0..32 {
+            for &x in xs
+                .iter()
+                .chain(&[i32::MIN, -7, -6, -5, -1, 0, 1, 5, 6, 7, i32::MAX])
+            {
+                assert_eq!(
+                    rounding_divide_by_pot(x, exponent),
+                    reference(x, exponent),
+                    "{x} / 2^{exponent}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn per_channel_requantization_equals_each_channels_multiplier() {
+        let reals = [0.5, 0.25, 3.0, 0.001073099, 1e-9, 0.0, 0.75, 2.0e-5, 1.5];
+        let multipliers: Vec<Multiplier> = reals.iter().map(|&r| Multiplier::new(r)).collect();
+        let requantization = Requantization::fixed_point(multipliers.iter().copied());
+        let accs = values(reals.len() * 50, 5, -2_000_000, 2_000_000);
+        for row in accs.chunks(reals.len()) {
+            let mut got = row.to_vec();
+            requantization.apply(&mut got, 7);
+            let expected: Vec<i32> = row
+                .iter()
+                .zip(&multipliers)
+                .map(|(&acc, m)| m.apply(acc) + 7)
+                .collect();
+            assert_eq!(got, expected);
+        }
+    }
+
     #[test]
     fn same_padding_geometry_matches_tflite() {
         // 5 wide, kernel 3, stride 2, SAME: 3 outputs, total padding 2, one before.
@@ -1144,6 +1329,19 @@ mod tests {
             .map(|_| {
                 state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
                 lo + (state >> 8) as i32 % (hi - lo + 1)
+            })
+            .collect()
+    }
+
+    /// `n` pseudo-random values over all of `i32` (xorshift).
+    fn full_range(n: usize, seed: u32) -> Vec<i32> {
+        let mut state = seed.max(1);
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                state as i32
             })
             .collect()
     }
@@ -1311,6 +1509,56 @@ mod tests {
             }
         }
         assert_eq!(out, expected, "{cin} input channels");
+    }
+
+    #[test]
+    fn a_wide_depthwise_convolution_matches_the_direct_sum() {
+        // 59 channels (blocks of 32, 16 and 8, then 3 more), 3x3 kernel, stride 2, SAME padding
+        // (TFLite puts the odd row and column after), weights without zero points as in TFLite.
+        let (h, w_, k, ch) = (7, 6, 3, OUTPUTS);
+        let (oh, pad_y) = QConv::geometry(h, k, 2, 1, true);
+        let (ow, pad_x) = QConv::geometry(w_, k, 2, 1, true);
+        let w = values(ch * k * k, 21, 0, 255);
+        let bias = values(ch, 22, -5000, 5000);
+        let raw: Vec<u8> = w.iter().map(|&v| v as u8).collect();
+        let weights = Tensor::from_shape(&[ch, k * k], &raw).unwrap();
+        let channels =
+            Channels::new(&weights, Some(&tensor1(&bias)), X_ZP, 0.5, &[0.01], &[0], 0.3).unwrap();
+        let conv = QConv {
+            channels,
+            output: u8_output(),
+            kernel: [k, k],
+            strides: [2, 2],
+            dilations: [1, 1],
+            pad_before: [pad_y, pad_x],
+            out_hw: [oh, ow],
+            groups: ch,
+            in_channels: ch,
+        };
+        let x = input(h * w_ * ch, 23);
+        let out = eval_on(&conv, &[1, h, w_, ch], &x);
+        let mut expected = Vec::new();
+        for oy in 0..oh {
+            for ox in 0..ow {
+                for c in 0..ch {
+                    let mut acc = bias[c];
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let iy = (oy * 2 + ky) as isize - pad_y as isize;
+                            let ix = (ox * 2 + kx) as isize - pad_x as isize;
+                            if iy < 0 || ix < 0 || iy >= h as isize || ix >= w_ as isize {
+                                continue;
+                            }
+                            let xv = i32::from(x[(iy as usize * w_ + ix as usize) * ch + c]);
+                            acc += (xv - X_ZP) * w[c * k * k + ky * k + kx];
+                        }
+                    }
+                    expected.push(reference_output(acc, 0.5 * 0.01 / 0.3, 120));
+                }
+            }
+        }
+        assert_eq!((oh, ow), (4, 3));
+        assert_eq!(out, expected);
     }
 
     #[test]
