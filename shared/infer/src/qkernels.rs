@@ -444,18 +444,69 @@ impl Channels {
             && !self.weight_pairs.is_empty()
     }
 
-    /// Appends `x` (starting at an even depth row) as pairs of rows
-    /// `(x[2p] - x_zp) | (x[2p + 1] - x_zp) << 16`, 16 bits each, an odd last value paired with 0.
+    /// Appends `x` (starting at an even depth row) as pairs of rows, as [`Channels::pack`] does.
     #[inline(always)]
     fn pair<T: Copy + Into<i32>>(&self, x: &[T], out: &mut Vec<i32>) {
-        let pack = |a: i32, b: i32| i32::from(a as u16) | (i32::from(b as u16) << 16);
+        let first = out.len();
+        // Written in place rather than through `extend`, whose loop is a function of its own
+        // and so compiled for the baseline instruction set, not the caller's.
+        out.resize(first + x.len().div_ceil(2), 0);
+        self.pack(x, &mut out[first..]);
+    }
+
+    /// Writes `x` into `out` as pairs `(x[2p] - x_zp) | (x[2p + 1] - x_zp) << 16`, 16 bits each,
+    /// an odd last value paired with 0.
+    #[inline(always)]
+    fn pack<T: Copy + Into<i32>>(&self, x: &[T], out: &mut [i32]) {
         let zp = self.x_zero_point;
         let two = x.chunks_exact(2);
-        let last = two.remainder().first().copied();
-        out.extend(two.map(|v| pack(v[0].into() - zp, v[1].into() - zp)));
-        if let Some(v) = last {
-            out.push(pack(v.into() - zp, 0));
+        if let Some(&v) = two.remainder().first() {
+            out[x.len() / 2] = pack_pair(v.into() - zp, 0);
         }
+        for (p, v) in out.iter_mut().zip(two) {
+            *p = pack_pair(v[0].into() - zp, v[1].into() - zp);
+        }
+    }
+
+    /// Whether [`paired_conv`] can compute a one-group convolution with inputs of type `T`: the
+    /// paired path for every output (whole blocks of 8) and no weight zero points, whose
+    /// correction needs each pixel's input sum.
+    #[inline(always)]
+    fn pixels_help<T>(&self) -> bool {
+        self.pairs_help::<T>()
+            && self.outputs.is_multiple_of(8)
+            && self.weight_zero_points.is_none()
+    }
+
+    /// [`madd::accumulate_pixels`]: `acc` holds `P` pixels' accumulators, one row of `outputs`
+    /// each; `segments` are `(first weight pair, offset of pixel 0's values in input, pairs)`,
+    /// and pixel `p` reads `p * step` further. Only where [`Channels::pixels_help`] said yes.
+    #[inline(always)]
+    fn accumulate_pixels<const P: usize>(
+        &self,
+        acc: &mut [i32],
+        segments: &[(usize, usize, usize)],
+        step: usize,
+        input: &[i32],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            // SAFETY: AVX2 is available (checked just above).
+            #[allow(unsafe_code)]
+            unsafe {
+                madd::accumulate_pixels::<P>(
+                    acc,
+                    segments,
+                    step,
+                    input,
+                    &self.weight_pairs,
+                    self.outputs,
+                )
+            };
+            return;
+        }
+        let _ = (acc, segments, step, input);
+        unreachable!("weight pairs are built only on x86-64 with AVX2");
     }
 
     /// Turns accumulators (bias included) into outputs with zero point, not yet clamped.
@@ -468,6 +519,13 @@ impl Channels {
         }
         self.requantization.apply(acc, zero_point);
     }
+}
+
+/// Two centered input values (each fits 16 bits) as one `i32`, the first in the low half: the
+/// operand layout of `vpmaddwd`.
+#[inline(always)]
+fn pack_pair(a: i32, b: i32) -> i32 {
+    i32::from(a as u16) | (i32::from(b as u16) << 16)
 }
 
 /// Quantized FULLY_CONNECTED: `[rows, depth]` in, `[rows, outputs]` out.
@@ -687,13 +745,7 @@ fn depthwise_block<const N: usize, T: Copy + Into<i32>>(
 /// Any grouping: per output pixel, the receptive field of each group updates that group's output
 /// channels. Compiled for AVX2 and SSE4.1 too, chosen at run time.
 #[multiversion(targets("x86_64+avx2", "x86_64+sse4.1"))]
-fn grouped<T: Copy + Into<i32> + TryFrom<i32>>(
-    conv: &QConv,
-    x: &[T],
-    n: usize,
-    h: usize,
-    w: usize,
-) -> Vec<i32> {
+fn grouped<T: Copy + Into<i32>>(conv: &QConv, x: &[T], n: usize, h: usize, w: usize) -> Vec<i32> {
     {
         let this = conv;
         let c = &this.channels;
@@ -714,13 +766,6 @@ fn grouped<T: Copy + Into<i32> + TryFrom<i32>>(
             pairs.reserve(x.len() / 2);
             c.pair(x, &mut pairs);
         }
-        // With an odd channel count (an RGB image's first layer) pairs would straddle taps: the
-        // receptive field is gathered into one row instead (padding as the zero point, which
-        // contributes nothing) and packed per output pixel. Pairing is worth the copy: the
-        // portable path had made a 3-channel first layer a quarter of a model's time.
-        let gather = pairable && !this.in_channels.is_multiple_of(2);
-        let (mut field, mut field_pairs) = (Vec::new(), Vec::new());
-        let padding = T::try_from(c.x_zero_point).ok();
         for b in 0..n {
             for oy in 0..oh {
                 for ox in 0..ow {
@@ -746,18 +791,6 @@ fn grouped<T: Copy + Into<i32> + TryFrom<i32>>(
                                     paired.push((tap / 2, values));
                                 }
                             }
-                        }
-                        if let (true, Some(padding)) = (gather, padding) {
-                            field.clear();
-                            field.resize(c.depth, padding);
-                            for &(tap, values) in &segments {
-                                field[tap..tap + values.len()].copy_from_slice(values);
-                            }
-                            field_pairs.clear();
-                            c.pair(&field, &mut field_pairs);
-                            let whole = [(0, &field_pairs[..])];
-                            *sum = c.accumulate(&mut acc, &segments, &whole);
-                            continue;
                         }
                         if this.groups == 1 {
                             *sum = c.accumulate(&mut acc, &segments, &paired);
@@ -794,6 +827,123 @@ fn grouped<T: Copy + Into<i32> + TryFrom<i32>>(
     }
 }
 
+/// How many output pixels [`paired_conv`] computes at once: each weight load then serves four
+/// pixels, and their accumulators for 16 outputs (8 registers) fit AVX2's 16.
+const PIXELS: usize = 4;
+
+/// A one-group convolution on the paired path ([`Channels::pixels_help`]), [`PIXELS`] output
+/// pixels at a time: per pixel, the kernel did too little work for what it cost to set up (the
+/// early, wide layers of a vision model have many pixels and few channels).
+///
+/// The input is packed in pairs once, with its padding written as zeros (centered values), so
+/// every pixel reads whole taps. An even channel count is packed as the image; an odd one (an RGB
+/// first layer), where pairs would straddle taps, as one gathered receptive field per output
+/// pixel. Compiled for AVX2 too, chosen at run time.
+#[multiversion(targets("x86_64+avx2"))]
+fn paired_conv<T: Copy + Into<i32>>(
+    conv: &QConv,
+    x: &[T],
+    n: usize,
+    h: usize,
+    w: usize,
+) -> Vec<i32> {
+    {
+        let c = &conv.channels;
+        let cin = conv.in_channels;
+        let [kh, kw] = conv.kernel;
+        let [oh, ow] = conv.out_hw;
+        let [sy, sx] = conv.strides;
+        let [dy, dx] = conv.dilations;
+        let [pad_y, pad_x] = conv.pad_before;
+        let zp = conv.output.zero_point;
+        if n * oh * ow == 0 {
+            return Vec::new();
+        }
+        let mut out = Vec::with_capacity(n * oh * ow * c.outputs);
+        let mut segments: Vec<(usize, usize, usize)> = Vec::with_capacity(kh * kw);
+        let half = cin / 2;
+        let pairs = c.depth.div_ceil(2);
+        let hp = ((oh - 1) * sy + (kh - 1) * dy + 1).max(pad_y + h);
+        let wp = ((ow - 1) * sx + (kw - 1) * dx + 1).max(pad_x + w);
+        let packed = if cin.is_multiple_of(2) {
+            let mut image = vec![0i32; n * hp * wp * half];
+            for b in 0..n {
+                for y in 0..h {
+                    let from = (b * h + y) * w * cin;
+                    let to = ((b * hp + y + pad_y) * wp + pad_x) * half;
+                    c.pack(&x[from..from + w * cin], &mut image[to..to + w * half]);
+                }
+            }
+            image
+        } else {
+            // Each output pixel's receptive field, centered (padding 0), then packed in pairs.
+            let mut fields = vec![0i32; n * oh * ow * pairs];
+            let mut field = vec![0i32; 2 * pairs];
+            for (pixel, row) in fields.chunks_exact_mut(pairs).enumerate() {
+                let (b, oy, ox) = (pixel / (oh * ow), pixel / ow % oh, pixel % ow);
+                field.fill(0);
+                for ky in 0..kh {
+                    let Some(iy) = conv.source(0, oy, ky, h) else {
+                        continue;
+                    };
+                    for kx in 0..kw {
+                        let Some(ix) = conv.source(1, ox, kx, w) else {
+                            continue;
+                        };
+                        let from = ((b * h + iy) * w + ix) * cin;
+                        let tap = (ky * kw + kx) * cin;
+                        for (f, &v) in field[tap..tap + cin].iter_mut().zip(&x[from..]) {
+                            *f = v.into() - c.x_zero_point;
+                        }
+                    }
+                }
+                for (p, v) in row.iter_mut().zip(field.chunks_exact(2)) {
+                    *p = pack_pair(v[0], v[1]);
+                }
+            }
+            fields
+        };
+        for b in 0..n {
+            for oy in 0..oh {
+                let mut ox = 0;
+                while ox < ow {
+                    // Pixel (b, oy, ox)'s segments, and the distance to the next pixel's values.
+                    segments.clear();
+                    let step = if cin.is_multiple_of(2) {
+                        for ky in 0..kh {
+                            let row = (b * hp + oy * sy + ky * dy) * wp;
+                            for kx in 0..kw {
+                                let values = (row + ox * sx + kx * dx) * half;
+                                segments.push(((ky * kw + kx) * half, values, half));
+                            }
+                        }
+                        sx * half
+                    } else {
+                        segments.push((0, ((b * oh + oy) * ow + ox) * pairs, pairs));
+                        pairs
+                    };
+                    let first = out.len();
+                    if ow - ox >= PIXELS {
+                        for _ in 0..PIXELS {
+                            out.extend_from_slice(&c.bias);
+                        }
+                        c.accumulate_pixels::<PIXELS>(&mut out[first..], &segments, step, &packed);
+                        ox += PIXELS;
+                    } else {
+                        out.extend_from_slice(&c.bias);
+                        c.accumulate_pixels::<1>(&mut out[first..], &segments, step, &packed);
+                        ox += 1;
+                    }
+                    for pixel in out[first..].chunks_exact_mut(c.outputs) {
+                        c.requantization.apply(pixel, zp);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
 impl Op for QConv {
     fn name(&self) -> StaticName {
         "QConv".into()
@@ -815,6 +965,7 @@ impl EvalOp for QConv {
         let channel_wise = self.groups == self.in_channels
             && self.channels.outputs == self.in_channels
             && self.channels.weight_zero_points.is_none();
+        let one_group = self.groups == 1;
         let input = &inputs[0];
         // 8-bit values are read in place (and, in `grouped`, take the paired multiply-add path).
         let bytes = input.as_bytes();
@@ -822,6 +973,12 @@ impl EvalOp for QConv {
             (true, DatumType::I8) => depthwise(self, bytemuck_i8(bytes), n, h, w),
             (true, DatumType::U8) => depthwise(self, bytes, n, h, w),
             (true, _) => depthwise(self, &widen(input)?, n, h, w),
+            (false, DatumType::I8) if one_group && self.channels.pixels_help::<i8>() => {
+                paired_conv(self, bytemuck_i8(bytes), n, h, w)
+            }
+            (false, DatumType::U8) if one_group && self.channels.pixels_help::<u8>() => {
+                paired_conv(self, bytes, n, h, w)
+            }
             (false, DatumType::I8) => grouped(self, bytemuck_i8(bytes), n, h, w),
             (false, DatumType::U8) => grouped(self, bytes, n, h, w),
             (false, _) => grouped(self, &widen(input)?, n, h, w),
@@ -1109,6 +1266,78 @@ mod madd {
         }
         if end - start >= 8 {
             block::<1>(acc, start, pairs, weights, outputs);
+        }
+    }
+
+    /// [`accumulate`] for `P` pixels at once (see [`super::Channels::accumulate_pixels`]), every
+    /// output (a multiple of 8), in register blocks of 16 and 8 outputs: 16 outputs of 4 pixels
+    /// are 8 accumulator registers, and each weight register serves every pixel.
+    #[allow(unsafe_code)]
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn accumulate_pixels<const P: usize>(
+        acc: &mut [i32],
+        segments: &[(usize, usize, usize)],
+        step: usize,
+        input: &[i32],
+        weights: &[i16],
+        outputs: usize,
+    ) {
+        let mut start = 0;
+        while outputs - start >= 16 {
+            pixel_block::<2, P>(acc, start, segments, step, input, weights, outputs);
+            start += 16;
+        }
+        if outputs - start >= 8 {
+            pixel_block::<1, P>(acc, start, segments, step, input, weights, outputs);
+        }
+    }
+
+    /// Outputs `start..start + 8 * V` of `P` pixels, in `V * P` registers.
+    #[allow(unsafe_code)]
+    #[target_feature(enable = "avx2")]
+    fn pixel_block<const V: usize, const P: usize>(
+        acc: &mut [i32],
+        start: usize,
+        segments: &[(usize, usize, usize)],
+        step: usize,
+        input: &[i32],
+        weights: &[i16],
+        outputs: usize,
+    ) {
+        let mut sums = [[_mm256_setzero_si256(); V]; P];
+        for (p, pixel) in sums.iter_mut().enumerate() {
+            for (j, sum) in pixel.iter_mut().enumerate() {
+                let at = p * outputs + start + 8 * j;
+                let lanes: &[i32; 8] = acc[at..at + 8].try_into().expect("8 lanes");
+                // SAFETY: `lanes` is 8 readable i32, 32 bytes; the load has no alignment need.
+                *sum = unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) };
+            }
+        }
+        for &(first, offset, len) in segments {
+            let xs: [&[i32]; P] = std::array::from_fn(|p| &input[offset + p * step..][..len]);
+            for i in 0..len {
+                let row = ((first + i) * outputs + start) * 2;
+                let row = &weights[row..row + 16 * V];
+                let w: [__m256i; V] = std::array::from_fn(|j| {
+                    let w: &[i16; 16] = row[16 * j..16 * j + 16].try_into().expect("16 weights");
+                    // SAFETY: `w` is 16 readable i16, 32 bytes; unaligned load.
+                    unsafe { _mm256_loadu_si256(w.as_ptr().cast()) }
+                });
+                for (pixel, x) in sums.iter_mut().zip(&xs) {
+                    let x = _mm256_set1_epi32(x[i]);
+                    for (sum, &w) in pixel.iter_mut().zip(&w) {
+                        *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(x, w));
+                    }
+                }
+            }
+        }
+        for (p, pixel) in sums.iter().enumerate() {
+            for (j, sum) in pixel.iter().enumerate() {
+                let at = p * outputs + start + 8 * j;
+                let lanes: &mut [i32; 8] = (&mut acc[at..at + 8]).try_into().expect("8 lanes");
+                // SAFETY: `lanes` is 8 writable i32, 32 bytes; unaligned store.
+                unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), *sum) };
+            }
         }
     }
 
@@ -1512,6 +1741,86 @@ mod tests {
     }
 
     #[test]
+    fn convolutions_four_pixels_at_a_time_match_the_direct_sum() {
+        // int8 without weight zero points and 40 outputs (blocks of 16, 16, 8): on AVX2 the
+        // pixel-blocked path. Odd and even channel counts, strides 1 and 2, SAME padding, and
+        // output widths that leave pixels over after the blocks of four.
+        for (cin, stride, h, w) in [(3, 2, 9, 11), (4, 1, 5, 7), (6, 2, 8, 10), (3, 1, 4, 6)] {
+            paired_convolution_matches_the_direct_sum(cin, stride, h, w);
+        }
+    }
+
+    fn paired_convolution_matches_the_direct_sum(cin: usize, stride: usize, h: usize, w: usize) {
+        const OUT: usize = 40;
+        let k = 3;
+        let (oh, pad_y) = QConv::geometry(h, k, stride, 1, true);
+        let (ow, pad_x) = QConv::geometry(w, k, stride, 1, true);
+        let depth = k * k * cin;
+        let weights = values(OUT * depth, 31, -127, 127);
+        let bias = values(OUT, 32, -3000, 3000);
+        let raw: Vec<i8> = weights.iter().map(|&v| v as i8).collect();
+        let x_zp = -9;
+        let channels = Channels::new(
+            &Tensor::from_shape(&[OUT, depth], &raw).unwrap(),
+            Some(&tensor1(&bias)),
+            x_zp,
+            0.5,
+            &[0.01],
+            &[0],
+            0.3,
+        )
+        .unwrap();
+        let output = IntOutput {
+            zero_point: -4,
+            min: -128,
+            max: 127,
+            dt: DatumType::I8,
+        };
+        let conv = QConv {
+            channels,
+            output,
+            kernel: [k, k],
+            strides: [stride, stride],
+            dilations: [1, 1],
+            pad_before: [pad_y, pad_x],
+            out_hw: [oh, ow],
+            groups: 1,
+            in_channels: cin,
+        };
+        let x: Vec<i8> = values(h * w * cin, 33, -128, 127)
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| if i % 5 == 0 { x_zp as i8 } else { v as i8 })
+            .collect();
+        let out = eval_on(&conv, &[1, h, w, cin], &x);
+        let mut expected = Vec::new();
+        for oy in 0..oh {
+            for ox in 0..ow {
+                for o in 0..OUT {
+                    let mut acc = bias[o];
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let iy = (oy * stride + ky) as isize - pad_y as isize;
+                            let ix = (ox * stride + kx) as isize - pad_x as isize;
+                            if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                continue;
+                            }
+                            for c in 0..cin {
+                                let at = (iy as usize * w + ix as usize) * cin + c;
+                                let wv = weights[((o * k + ky) * k + kx) * cin + c];
+                                acc += (i32::from(x[at]) - x_zp) * wv;
+                            }
+                        }
+                    }
+                    let y = Multiplier::new(0.5 * 0.01 / 0.3).apply(acc) - 4;
+                    expected.push(y.clamp(-128, 127) as i8 as u8);
+                }
+            }
+        }
+        assert_eq!(out, expected, "{cin} channels, stride {stride}, {h}x{w}");
+    }
+
+    #[test]
     fn a_wide_depthwise_convolution_matches_the_direct_sum() {
         // 59 channels (blocks of 32, 16 and 8, then 3 more), 3x3 kernel, stride 2, SAME padding
         // (TFLite puts the odd row and column after), weights without zero points as in TFLite.
@@ -1522,8 +1831,16 @@ mod tests {
         let bias = values(ch, 22, -5000, 5000);
         let raw: Vec<u8> = w.iter().map(|&v| v as u8).collect();
         let weights = Tensor::from_shape(&[ch, k * k], &raw).unwrap();
-        let channels =
-            Channels::new(&weights, Some(&tensor1(&bias)), X_ZP, 0.5, &[0.01], &[0], 0.3).unwrap();
+        let channels = Channels::new(
+            &weights,
+            Some(&tensor1(&bias)),
+            X_ZP,
+            0.5,
+            &[0.01],
+            &[0],
+            0.3,
+        )
+        .unwrap();
         let conv = QConv {
             channels,
             output: u8_output(),
