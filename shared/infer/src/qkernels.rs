@@ -175,35 +175,58 @@ pub(crate) struct IntOutput {
 impl IntOutput {
     /// Clamps `values` and stores them as the output type, allocating only the output tensor.
     fn store(&self, values: &[i32], shape: &[usize]) -> TractResult<Tensor> {
-        fn fill<T: Datum + Copy>(
-            out: &mut Tensor,
-            values: &[i32],
-            cast: impl Fn(i32) -> T,
-        ) -> TractResult<()> {
-            for (o, &v) in out
-                .try_as_plain_ram_mut()?
-                .as_slice_mut::<T>()?
-                .iter_mut()
-                .zip(values)
-            {
-                *o = cast(v);
-            }
-            Ok(())
-        }
-        let (min, max) = (self.min, self.max);
         let mut out = Tensor::zero_dt(self.dt, shape)?;
         ensure!(
             out.len() == values.len(),
             "{} values for an output of shape {shape:?}",
             values.len()
         );
-        match self.dt {
-            DatumType::I8 => fill(&mut out, values, |v| v.clamp(min, max) as i8)?,
-            DatumType::U8 => fill(&mut out, values, |v| v.clamp(min, max) as u8)?,
-            DatumType::I16 => fill(&mut out, values, |v| v.clamp(min, max) as i16)?,
-            dt => bail!("unsupported integer output {dt:?}"),
+        let (min, max) = (self.min, self.max);
+        {
+            let mut view = out.try_as_plain_ram_mut()?;
+            match self.dt {
+                DatumType::I8 => narrow(values, view.as_slice_mut::<i8>()?, min, max),
+                DatumType::U8 => narrow(values, view.as_slice_mut::<u8>()?, min, max),
+                DatumType::I16 => narrow(values, view.as_slice_mut::<i16>()?, min, max),
+                dt => bail!("unsupported integer output {dt:?}"),
+            }
         }
         Ok(out)
+    }
+}
+
+/// An integer output type: a value already clamped to its range, stored.
+trait Narrow: Copy {
+    fn narrow(value: i32) -> Self;
+}
+
+impl Narrow for i8 {
+    #[inline(always)]
+    fn narrow(value: i32) -> Self {
+        value as i8
+    }
+}
+
+impl Narrow for u8 {
+    #[inline(always)]
+    fn narrow(value: i32) -> Self {
+        value as u8
+    }
+}
+
+impl Narrow for i16 {
+    #[inline(always)]
+    fn narrow(value: i32) -> Self {
+        value as i16
+    }
+}
+
+/// `values` clamped to `min..=max` (within `T`'s range) into `out`. Compiled for AVX2 and SSE4.1
+/// too, chosen at run time: every layer's whole output passes through here.
+#[multiversion(targets("x86_64+avx2", "x86_64+sse4.1"))]
+fn narrow<T: Narrow>(values: &[i32], out: &mut [T], min: i32, max: i32) {
+    for (o, &v) in out.iter_mut().zip(values) {
+        *o = T::narrow(v.clamp(min, max));
     }
 }
 
@@ -651,6 +674,21 @@ impl QConv {
         }
     }
 
+    /// The input's size with its padding, before and after: enough for every tap of every output
+    /// pixel.
+    fn padded_size(&self, h: usize, w: usize) -> (usize, usize) {
+        let [oh, ow] = self.out_hw;
+        let reach = |axis: usize, out: usize| {
+            (out.max(1) - 1) * self.strides[axis]
+                + (self.kernel[axis] - 1) * self.dilations[axis]
+                + 1
+        };
+        (
+            reach(0, oh).max(self.pad_before[0] + h),
+            reach(1, ow).max(self.pad_before[1] + w),
+        )
+    }
+
     /// The input position a kernel tap reads for an output position, if inside the input.
     #[inline]
     fn source(&self, axis: usize, out: usize, tap: usize, size: usize) -> Option<usize> {
@@ -661,57 +699,65 @@ impl QConv {
 }
 
 /// Depthwise with multiplier 1: every channel reads only itself, so one output pixel is, per
-/// block of channels, a sum over the kernel taps of element-wise products. Compiled for AVX2 and
-/// SSE4.1 too, chosen at run time.
+/// block of channels, a sum over the kernel taps of element-wise products. The input is centered
+/// and padded once (padding as 0), so every pixel reads every tap at a fixed offset. Compiled for
+/// AVX2 and SSE4.1 too, chosen at run time.
 #[multiversion(targets("x86_64+avx2", "x86_64+sse4.1"))]
 fn depthwise<T: Copy + Into<i32>>(conv: &QConv, x: &[T], n: usize, h: usize, w: usize) -> Vec<i32> {
     {
-        let this = conv;
-        let c = &this.channels;
-        let channels = this.in_channels;
-        let [kh, kw] = this.kernel;
-        let [oh, ow] = this.out_hw;
-        let mut out = Vec::with_capacity(n * oh * ow * channels);
-        // The taps inside the input for one output pixel: (input offset, weight row offset).
-        let mut taps = Vec::with_capacity(kh * kw);
+        let c = &conv.channels;
+        let ch = conv.in_channels;
+        let [kh, kw] = conv.kernel;
+        let [oh, ow] = conv.out_hw;
+        let [sy, sx] = conv.strides;
+        let [dy, dx] = conv.dilations;
+        let [pad_y, pad_x] = conv.pad_before;
+        if n * oh * ow == 0 {
+            return Vec::new();
+        }
+        let (hp, wp) = conv.padded_size(h, w);
+        let mut padded = vec![0i32; n * hp * wp * ch];
+        for b in 0..n {
+            for y in 0..h {
+                let from = (b * h + y) * w * ch;
+                let to = ((b * hp + y + pad_y) * wp + pad_x) * ch;
+                for (p, &v) in padded[to..to + w * ch].iter_mut().zip(&x[from..]) {
+                    *p = v.into() - c.x_zero_point;
+                }
+            }
+        }
+        // Each tap's offset from a pixel's first input; its weights are row `k` of `weights_t`.
+        let taps: Vec<usize> = (0..kh)
+            .flat_map(|ky| (0..kw).map(move |kx| (ky * dy * wp + kx * dx) * ch))
+            .collect();
+        let mut out = vec![0i32; n * oh * ow * ch];
+        let mut pixels = out.chunks_exact_mut(ch);
         for b in 0..n {
             for oy in 0..oh {
                 for ox in 0..ow {
-                    taps.clear();
-                    for ky in 0..kh {
-                        let Some(iy) = this.source(0, oy, ky, h) else {
-                            continue;
-                        };
-                        for kx in 0..kw {
-                            if let Some(ix) = this.source(1, ox, kx, w) {
-                                let at = ((b * h + iy) * w + ix) * channels;
-                                taps.push((at, (ky * kw + kx) * channels));
-                            }
-                        }
-                    }
-                    let first = out.len();
-                    out.extend_from_slice(&c.bias);
-                    let acc = &mut out[first..];
+                    let acc = pixels.next().expect("one row per output pixel");
+                    let base = ((b * hp + oy * sy) * wp + ox * sx) * ch;
                     let mut start = 0;
-                    while channels - start >= 32 {
-                        depthwise_block::<32, T>(c, acc, start, x, &taps);
+                    while ch - start >= 32 {
+                        depthwise_block::<32>(c, acc, start, &padded[base..], &taps);
                         start += 32;
                     }
-                    if channels - start >= 16 {
-                        depthwise_block::<16, T>(c, acc, start, x, &taps);
+                    if ch - start >= 16 {
+                        depthwise_block::<16>(c, acc, start, &padded[base..], &taps);
                         start += 16;
                     }
-                    if channels - start >= 8 {
-                        depthwise_block::<8, T>(c, acc, start, x, &taps);
+                    if ch - start >= 8 {
+                        depthwise_block::<8>(c, acc, start, &padded[base..], &taps);
                         start += 8;
                     }
-                    for &(at, row) in &taps {
-                        for ch in start..channels {
-                            acc[ch] += (x[at + ch].into() - c.x_zero_point) * c.weights_t[row + ch];
+                    for o in start..ch {
+                        acc[o] = c.bias[o];
+                        for (k, &tap) in taps.iter().enumerate() {
+                            acc[o] += padded[base + tap + o] * c.weights_t[k * ch + o];
                         }
                     }
                     // Weight zero points are zero in int8 depthwise models (checked at load).
-                    c.finish(acc, 0, this.output.zero_point);
+                    c.finish(acc, 0, conv.output.zero_point);
                 }
             }
         }
@@ -719,24 +765,25 @@ fn depthwise<T: Copy + Into<i32>>(conv: &QConv, x: &[T], n: usize, h: usize, w: 
     }
 }
 
-/// [`depthwise`] for channels `start..start + N` of one output pixel, held in registers across
-/// the taps.
+/// [`depthwise`] for channels `start..start + N` of one output pixel (bias included), held in
+/// registers across the taps; `x` starts at the pixel's first input.
 #[inline(always)]
-fn depthwise_block<const N: usize, T: Copy + Into<i32>>(
+fn depthwise_block<const N: usize>(
     c: &Channels,
     acc: &mut [i32],
     start: usize,
-    x: &[T],
-    taps: &[(usize, usize)],
+    x: &[i32],
+    taps: &[usize],
 ) {
-    let mut block: [i32; N] = acc[start..start + N].try_into().expect("N channels");
-    for &(at, row) in taps {
-        let xs: &[T; N] = x[at + start..at + start + N].try_into().expect("N inputs");
-        let ws: &[i32; N] = c.weights_t[row + start..row + start + N]
+    let mut block: [i32; N] = c.bias[start..start + N].try_into().expect("N channels");
+    for (k, &tap) in taps.iter().enumerate() {
+        let xs: &[i32; N] = x[tap + start..tap + start + N]
             .try_into()
-            .expect("N weights");
+            .expect("N inputs");
+        let row = k * c.outputs + start;
+        let ws: &[i32; N] = c.weights_t[row..row + N].try_into().expect("N weights");
         for ((a, &v), &wv) in block.iter_mut().zip(xs).zip(ws) {
-            *a += (v.into() - c.x_zero_point) * wv;
+            *a += v * wv;
         }
     }
     acc[start..start + N].copy_from_slice(&block);
@@ -863,8 +910,7 @@ fn paired_conv<T: Copy + Into<i32>>(
         let mut segments: Vec<(usize, usize, usize)> = Vec::with_capacity(kh * kw);
         let half = cin / 2;
         let pairs = c.depth.div_ceil(2);
-        let hp = ((oh - 1) * sy + (kh - 1) * dy + 1).max(pad_y + h);
-        let wp = ((ow - 1) * sx + (kw - 1) * dx + 1).max(pad_x + w);
+        let (hp, wp) = conv.padded_size(h, w);
         let packed = if cin.is_multiple_of(2) {
             let mut image = vec![0i32; n * hp * wp * half];
             for b in 0..n {
@@ -1041,27 +1087,20 @@ fn broadcast_pair(a: &Tensor, b: &Tensor) -> TractResult<(ArrayD<i32>, ArrayD<i3
 /// TFLite's int8 ADD (and SUB): both inputs rescaled to a shared fixed-point scale with a left
 /// shift of 20 bits, added, and rescaled to the output.
 ///
-/// Each input's rescaled value depends only on its 8-bit code, so both rescalings are tables of
-/// 256 entries built once; per element only the sum is requantized.
+/// Computed per element rather than looked up in 256-entry tables per input: the same multiplier
+/// for every element makes the loop vectorize, where the lookups kept it scalar.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct QAdd {
-    /// Rescaled contribution of every code (index: code + 128 for i8, code for u8).
-    a_table: Vec<i32>,
-    b_table: Vec<i32>,
+    /// Each input's zero point and multiplier to the shared scale.
+    a: (i32, Multiplier),
+    b: (i32, Multiplier),
     out: Multiplier,
     subtract: bool,
     pub output: IntOutput,
 }
 
-/// Index of an 8-bit code in a 256-entry table.
-#[inline]
-fn code_index(dt: DatumType, byte: u8) -> usize {
-    if dt.unquantized() == DatumType::I8 {
-        usize::from(byte ^ 0x80)
-    } else {
-        usize::from(byte)
-    }
-}
+/// The left shift TFLite's ADD gives its inputs before rescaling them to the shared scale.
+const ADD_LEFT_SHIFT: i32 = 20;
 
 impl QAdd {
     pub(crate) fn new(
@@ -1069,38 +1108,45 @@ impl QAdd {
         b: Operand,
         y_scale: f32,
         subtract: bool,
-        input_dt: DatumType,
         output: IntOutput,
     ) -> Self {
-        const LEFT_SHIFT: i32 = 20;
         let twice_max = 2.0 * f64::from(a.scale.max(b.scale));
-        let table = |op: Operand| {
-            let m = Multiplier::new(f64::from(op.scale) / twice_max);
-            (0..256)
-                .map(|i| {
-                    let code = if input_dt.unquantized() == DatumType::I8 {
-                        i - 128
-                    } else {
-                        i
-                    };
-                    m.apply((code - op.zero_point) << LEFT_SHIFT)
-                })
-                .collect()
+        let side = |op: Operand| {
+            (
+                op.zero_point,
+                Multiplier::new(f64::from(op.scale) / twice_max),
+            )
         };
         QAdd {
-            a_table: table(a),
-            b_table: table(b),
-            out: Multiplier::new(twice_max / (f64::from(1u32 << LEFT_SHIFT) * f64::from(y_scale))),
+            a: side(a),
+            b: side(b),
+            out: Multiplier::new(
+                twice_max / (f64::from(1u32 << ADD_LEFT_SHIFT) * f64::from(y_scale)),
+            ),
             subtract,
             output,
         }
     }
 
-    #[inline]
+    /// One output value from two input values, before the clamp.
+    #[inline(always)]
     fn combine(&self, x: i32, y: i32) -> i32 {
+        let x = self.a.1.apply((x - self.a.0) << ADD_LEFT_SHIFT);
+        let y = self.b.1.apply((y - self.b.0) << ADD_LEFT_SHIFT);
         let sum = if self.subtract { x - y } else { x + y };
         self.out.apply(sum) + self.output.zero_point
     }
+}
+
+/// [`QAdd`] over two equally long runs of input values. Compiled for AVX2 and SSE4.1 too, chosen
+/// at run time.
+#[multiversion(targets("x86_64+avx2", "x86_64+sse4.1"))]
+fn add<A: Copy + Into<i32>, B: Copy + Into<i32>>(op: &QAdd, a: &[A], b: &[B]) -> Vec<i32> {
+    let mut out = vec![0; a.len()];
+    for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+        *o = op.combine(x.into(), y.into());
+    }
+    out
 }
 
 impl Op for QAdd {
@@ -1127,33 +1173,22 @@ impl EvalOp for QAdd {
         );
         if a.shape() == b.shape() {
             // The common case (residual connections): no broadcasting, straight over the bytes.
-            let values = a
-                .as_bytes()
-                .iter()
-                .zip(b.as_bytes())
-                .map(|(&x, &y)| {
-                    self.combine(
-                        self.a_table[code_index(da, x)],
-                        self.b_table[code_index(db, y)],
-                    )
-                })
-                .collect::<Vec<_>>();
+            let (xa, xb) = (a.as_bytes(), b.as_bytes());
+            let values = match (da.unquantized(), db.unquantized()) {
+                (DatumType::I8, DatumType::I8) => add(self, bytemuck_i8(xa), bytemuck_i8(xb)),
+                (DatumType::U8, DatumType::U8) => add(self, xa, xb),
+                (DatumType::I8, _) => add(self, bytemuck_i8(xa), xb),
+                _ => add(self, xa, bytemuck_i8(xb)),
+            };
             return Ok(tvec!(self.output.store(&values, a.shape())?.into_tvalue()));
         }
         let (xa, xb) = broadcast_pair(a, b)?;
         let shape = xa.shape().to_vec();
-        let index = |dt: DatumType, v: i32| {
-            if dt.unquantized() == DatumType::I8 {
-                (v + 128) as usize
-            } else {
-                v as usize
-            }
-        };
-        let values = xa
-            .iter()
-            .zip(xb.iter())
-            .map(|(&x, &y)| self.combine(self.a_table[index(da, x)], self.b_table[index(db, y)]))
-            .collect::<Vec<_>>();
+        let values = add(
+            self,
+            xa.as_slice().context("broadcast operand")?,
+            xb.as_slice().context("broadcast operand")?,
+        );
         Ok(tvec!(self.output.store(&values, &shape)?.into_tvalue()))
     }
 }
@@ -1313,16 +1348,23 @@ mod madd {
                 *sum = unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) };
             }
         }
+        // Loops rather than `array::from_fn`, whose closures are not inlined here (they lack
+        // this function's target feature) and cost a call per weight register.
+        let mut xs: [&[i32]; P] = [&[]; P];
+        let mut w = [_mm256_setzero_si256(); V];
         for &(first, offset, len) in segments {
-            let xs: [&[i32]; P] = std::array::from_fn(|p| &input[offset + p * step..][..len]);
+            for (p, x) in xs.iter_mut().enumerate() {
+                *x = &input[offset + p * step..][..len];
+            }
             for i in 0..len {
                 let row = ((first + i) * outputs + start) * 2;
                 let row = &weights[row..row + 16 * V];
-                let w: [__m256i; V] = std::array::from_fn(|j| {
-                    let w: &[i16; 16] = row[16 * j..16 * j + 16].try_into().expect("16 weights");
-                    // SAFETY: `w` is 16 readable i16, 32 bytes; unaligned load.
-                    unsafe { _mm256_loadu_si256(w.as_ptr().cast()) }
-                });
+                for (j, w) in w.iter_mut().enumerate() {
+                    let lanes: &[i16; 16] =
+                        row[16 * j..16 * j + 16].try_into().expect("16 weights");
+                    // SAFETY: `lanes` is 16 readable i16, 32 bytes; unaligned load.
+                    *w = unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) };
+                }
                 for (pixel, x) in sums.iter_mut().zip(&xs) {
                     let x = _mm256_set1_epi32(x[i]);
                     for (sum, &w) in pixel.iter_mut().zip(&w) {
@@ -1915,7 +1957,6 @@ mod tests {
             },
             0.5,
             false,
-            DatumType::I8,
             IntOutput {
                 zero_point: -1,
                 min: -128,
@@ -1933,5 +1974,54 @@ mod tests {
             .unwrap();
         // Reals: a = [2, -3], b = 2; sums 4 and -1 -> 8 - 1 = 7, -2 - 1 = -3.
         assert_eq!(out[0].clone().into_tensor(), tensor1(&[7i8, -3]));
+    }
+
+    #[test]
+    fn add_of_every_code_is_within_a_step_of_the_real_sum_on_both_paths() {
+        let (sa, za, sb, zb, sy, zy) = (0.05f32, -7, 0.03f32, 12, 0.08f32, 3);
+        let output = IntOutput {
+            zero_point: zy,
+            min: -128,
+            max: 127,
+            dt: DatumType::I8,
+        };
+        let op = QAdd::new(
+            Operand {
+                zero_point: za,
+                scale: sa,
+            },
+            Operand {
+                zero_point: zb,
+                scale: sb,
+            },
+            sy,
+            false,
+            output,
+        );
+        let a: Vec<i8> = (-128..=127).collect();
+        let b: Vec<i8> = (0..256).map(|i| ((i * 37) % 256 - 128) as i8).collect();
+        let same_shape = eval_pair(&op, tensor1(&a), tensor1(&b));
+        for (i, (&x, &y)) in a.iter().zip(&b).enumerate() {
+            let real = sa * (f32::from(x) - za as f32) + sb * (f32::from(y) - zb as f32);
+            let expected = (real / sy + zy as f32).round().clamp(-128.0, 127.0);
+            let got = f32::from(same_shape[i]);
+            assert!(
+                (got - expected).abs() <= 1.0,
+                "{x} + {y}: {got} vs {expected}"
+            );
+            // The broadcasting path computes the same value.
+            let one = eval_pair(&op, tensor1(&[x, x]), tensor1(&[y]));
+            assert_eq!(one, vec![same_shape[i]; 2], "{x} + {y}");
+        }
+    }
+
+    fn eval_pair(op: &QAdd, a: Tensor, b: Tensor) -> Vec<i8> {
+        let out = op
+            .eval(
+                &EvalContext::out_of_plan(),
+                tvec!(a.into_tvalue(), b.into_tvalue()),
+            )
+            .unwrap();
+        out[0].as_bytes().iter().map(|&v| v as i8).collect()
     }
 }

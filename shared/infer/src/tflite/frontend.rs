@@ -864,7 +864,7 @@ impl<'m> Frontend<'m> {
                     let subtract = kind == "Sub";
                     self.node(
                         name,
-                        QAdd::new(operand(qa), operand(qb), qy.scale, subtract, dt_a, output),
+                        QAdd::new(operand(qa), operand(qb), qy.scale, subtract, output),
                         &[wa, wb],
                     )?
                 }
