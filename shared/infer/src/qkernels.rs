@@ -102,6 +102,17 @@ pub(crate) enum Requantization {
     Float(Vec<u32>),
 }
 
+/// The fewest entries [`Requantization`] holds: its per-channel values repeat (channel `i %
+/// outputs`) up to a multiple of the channel count at least this long, so that a layer with few
+/// channels is requantized many pixels per loop, not one short loop per pixel.
+const REQUANTIZATION_TILE: usize = 64;
+
+/// `values` repeated to a whole number of copies at least [`REQUANTIZATION_TILE`] long.
+fn tiled<T: Copy>(values: Vec<T>) -> Vec<T> {
+    let copies = REQUANTIZATION_TILE.div_ceil(values.len().max(1));
+    values.repeat(copies)
+}
+
 impl Requantization {
     fn fixed_point(multipliers: impl Iterator<Item = Multiplier>) -> Self {
         let (mut multiplier, mut left, mut right) = (Vec::new(), Vec::new(), Vec::new());
@@ -111,9 +122,26 @@ impl Requantization {
             right.push((-m.shift).max(0) as u32);
         }
         Requantization::FixedPoint {
-            multiplier,
-            left,
-            right,
+            multiplier: tiled(multiplier),
+            left: tiled(left),
+            right: tiled(right),
+        }
+    }
+
+    fn float(scales: impl Iterator<Item = f32>) -> Self {
+        Requantization::Float(tiled(scales.map(f32::to_bits).collect()))
+    }
+
+    /// Requantizes whole rows of every channel (`values.len()` a multiple of the channel count),
+    /// a tile at a time.
+    #[inline(always)]
+    fn apply_rows(&self, values: &mut [i32], zero_point: i32) {
+        let tile = match self {
+            Requantization::FixedPoint { multiplier, .. } => multiplier.len(),
+            Requantization::Float(bits) => bits.len(),
+        };
+        for chunk in values.chunks_mut(tile) {
+            self.apply(chunk, zero_point);
         }
     }
 
@@ -361,9 +389,9 @@ impl Channels {
             } else {
                 w_scales[o]
             };
-            (x_scale * w / y_scale).to_bits()
+            x_scale * w / y_scale
         };
-        self.requantization = Requantization::Float((0..self.outputs).map(scale).collect());
+        self.requantization = Requantization::float((0..self.outputs).map(scale));
         self
     }
 
@@ -689,6 +717,33 @@ impl QConv {
         )
     }
 
+    /// The input minus its zero point, in [`QConv::padded_size`] with the padding as 0 (a
+    /// centered value that contributes nothing): every output pixel then reads every tap at a
+    /// fixed offset, without bounds checks per tap.
+    #[inline(always)]
+    fn centered_padded<T: Copy + Into<i32>>(
+        &self,
+        x: &[T],
+        n: usize,
+        h: usize,
+        w: usize,
+    ) -> Vec<i32> {
+        let (hp, wp) = self.padded_size(h, w);
+        let [pad_y, pad_x] = self.pad_before;
+        let (ch, zp) = (self.in_channels, self.channels.x_zero_point);
+        let mut padded = vec![0i32; n * hp * wp * ch];
+        for b in 0..n {
+            for y in 0..h {
+                let from = (b * h + y) * w * ch;
+                let to = ((b * hp + y + pad_y) * wp + pad_x) * ch;
+                for (p, &v) in padded[to..to + w * ch].iter_mut().zip(&x[from..]) {
+                    *p = v.into() - zp;
+                }
+            }
+        }
+        padded
+    }
+
     /// The input position a kernel tap reads for an output position, if inside the input.
     #[inline]
     fn source(&self, axis: usize, out: usize, tap: usize, size: usize) -> Option<usize> {
@@ -711,21 +766,11 @@ fn depthwise<T: Copy + Into<i32>>(conv: &QConv, x: &[T], n: usize, h: usize, w: 
         let [oh, ow] = conv.out_hw;
         let [sy, sx] = conv.strides;
         let [dy, dx] = conv.dilations;
-        let [pad_y, pad_x] = conv.pad_before;
         if n * oh * ow == 0 {
             return Vec::new();
         }
         let (hp, wp) = conv.padded_size(h, w);
-        let mut padded = vec![0i32; n * hp * wp * ch];
-        for b in 0..n {
-            for y in 0..h {
-                let from = (b * h + y) * w * ch;
-                let to = ((b * hp + y + pad_y) * wp + pad_x) * ch;
-                for (p, &v) in padded[to..to + w * ch].iter_mut().zip(&x[from..]) {
-                    *p = v.into() - c.x_zero_point;
-                }
-            }
-        }
+        let padded = conv.centered_padded(x, n, h, w);
         // Each tap's offset from a pixel's first input; its weights are row `k` of `weights_t`.
         let taps: Vec<usize> = (0..kh)
             .flat_map(|ky| (0..kw).map(move |kx| (ky * dy * wp + kx * dx) * ch))
@@ -756,11 +801,12 @@ fn depthwise<T: Copy + Into<i32>>(conv: &QConv, x: &[T], n: usize, h: usize, w: 
                             acc[o] += padded[base + tap + o] * c.weights_t[k * ch + o];
                         }
                     }
-                    // Weight zero points are zero in int8 depthwise models (checked at load).
-                    c.finish(acc, 0, conv.output.zero_point);
                 }
             }
         }
+        // Weight zero points are zero in int8 depthwise models (checked at load).
+        c.requantization
+            .apply_rows(&mut out, conv.output.zero_point);
         out
     }
 }
@@ -906,7 +952,8 @@ fn paired_conv<T: Copy + Into<i32>>(
         if n * oh * ow == 0 {
             return Vec::new();
         }
-        let mut out = Vec::with_capacity(n * oh * ow * c.outputs);
+        // Every output pixel starts from the bias.
+        let mut out = c.bias.repeat(n * oh * ow);
         let mut segments: Vec<(usize, usize, usize)> = Vec::with_capacity(kh * kw);
         let half = cin / 2;
         let pairs = c.depth.div_ceil(2);
@@ -922,29 +969,33 @@ fn paired_conv<T: Copy + Into<i32>>(
             }
             image
         } else {
-            // Each output pixel's receptive field, centered (padding 0), then packed in pairs.
+            // Each output pixel's receptive field, gathered from the centered, padded input
+            // (one run of `kw * cin` values per kernel row without dilation), packed in pairs.
+            let padded = conv.centered_padded(x, n, h, w);
+            let run = (kw - 1) * dx + 1;
             let mut fields = vec![0i32; n * oh * ow * pairs];
             let mut field = vec![0i32; 2 * pairs];
-            for (pixel, row) in fields.chunks_exact_mut(pairs).enumerate() {
-                let (b, oy, ox) = (pixel / (oh * ow), pixel / ow % oh, pixel % ow);
-                field.fill(0);
-                for ky in 0..kh {
-                    let Some(iy) = conv.source(0, oy, ky, h) else {
-                        continue;
-                    };
-                    for kx in 0..kw {
-                        let Some(ix) = conv.source(1, ox, kx, w) else {
-                            continue;
-                        };
-                        let from = ((b * h + iy) * w + ix) * cin;
-                        let tap = (ky * kw + kx) * cin;
-                        for (f, &v) in field[tap..tap + cin].iter_mut().zip(&x[from..]) {
-                            *f = v.into() - c.x_zero_point;
+            let mut rows = fields.chunks_exact_mut(pairs);
+            for b in 0..n {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        for ky in 0..kh {
+                            let from = ((b * hp + oy * sy + ky * dy) * wp + ox * sx) * cin;
+                            let row = &padded[from..from + run * cin];
+                            let to = &mut field[ky * kw * cin..(ky + 1) * kw * cin];
+                            if dx == 1 {
+                                to.copy_from_slice(row);
+                            } else {
+                                for (kx, to) in to.chunks_exact_mut(cin).enumerate() {
+                                    to.copy_from_slice(&row[kx * dx * cin..][..cin]);
+                                }
+                            }
+                        }
+                        let packed = rows.next().expect("one row per output pixel");
+                        for (p, v) in packed.iter_mut().zip(field.chunks_exact(2)) {
+                            *p = pack_pair(v[0], v[1]);
                         }
                     }
-                }
-                for (p, v) in row.iter_mut().zip(field.chunks_exact(2)) {
-                    *p = pack_pair(v[0], v[1]);
                 }
             }
             fields
@@ -968,24 +1019,18 @@ fn paired_conv<T: Copy + Into<i32>>(
                         segments.push((0, ((b * oh + oy) * ow + ox) * pairs, pairs));
                         pairs
                     };
-                    let first = out.len();
+                    let acc = &mut out[((b * oh + oy) * ow + ox) * c.outputs..];
                     if ow - ox >= PIXELS {
-                        for _ in 0..PIXELS {
-                            out.extend_from_slice(&c.bias);
-                        }
-                        c.accumulate_pixels::<PIXELS>(&mut out[first..], &segments, step, &packed);
+                        c.accumulate_pixels::<PIXELS>(acc, &segments, step, &packed);
                         ox += PIXELS;
                     } else {
-                        out.extend_from_slice(&c.bias);
-                        c.accumulate_pixels::<1>(&mut out[first..], &segments, step, &packed);
+                        c.accumulate_pixels::<1>(acc, &segments, step, &packed);
                         ox += 1;
-                    }
-                    for pixel in out[first..].chunks_exact_mut(c.outputs) {
-                        c.requantization.apply(pixel, zp);
                     }
                 }
             }
         }
+        c.requantization.apply_rows(&mut out, zp);
         out
     }
 }
@@ -1562,15 +1607,20 @@ mod tests {
         let reals = [0.5, 0.25, 3.0, 0.001073099, 1e-9, 0.0, 0.75, 2.0e-5, 1.5];
         let multipliers: Vec<Multiplier> = reals.iter().map(|&r| Multiplier::new(r)).collect();
         let requantization = Requantization::fixed_point(multipliers.iter().copied());
+        // 50 rows of 9 channels: the tile (72 values, 8 rows) does not divide them.
         let accs = values(reals.len() * 50, 5, -2_000_000, 2_000_000);
-        for row in accs.chunks(reals.len()) {
+        let expected: Vec<i32> = accs
+            .iter()
+            .zip(multipliers.iter().cycle())
+            .map(|(&acc, m)| m.apply(acc) + 7)
+            .collect();
+        let mut rows = accs.clone();
+        requantization.apply_rows(&mut rows, 7);
+        assert_eq!(rows, expected);
+        // One row at a time, as a layer with weight zero points finishes each pixel.
+        for (row, expected) in accs.chunks(reals.len()).zip(expected.chunks(reals.len())) {
             let mut got = row.to_vec();
             requantization.apply(&mut got, 7);
-            let expected: Vec<i32> = row
-                .iter()
-                .zip(&multipliers)
-                .map(|(&acc, m)| m.apply(acc) + 7)
-                .collect();
             assert_eq!(got, expected);
         }
     }
