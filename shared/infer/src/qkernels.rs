@@ -560,6 +560,17 @@ impl Channels {
         }
     }
 
+    /// The bias to start accumulating from with `packing`: for quadruples, less what their
+    /// `offset` adds to every input (`offset * column_sums[o]`).
+    fn bias_for(&self, packing: Packing, offset: i32) -> Vec<i32> {
+        match packing {
+            Packing::Pairs => self.bias.clone(),
+            Packing::Quads => (self.bias.iter().zip(&self.column_sums))
+                .map(|(&b, &s)| b - offset * s)
+                .collect(),
+        }
+    }
+
     /// [`madd::accumulate_pixels`] or [`vnni::accumulate_pixels`]: `acc` holds `P` pixels'
     /// accumulators, one row of `outputs` each; `segments` are `(first weight word, offset of
     /// pixel 0's words in input, words)`, and pixel `p` reads `p * step` further. Only with the
@@ -656,10 +667,12 @@ impl EvalOp for QFullyConnected {
         // The raw values are read in place: this layer is often a whole model's only real work,
         // and on small models an extra copy of the input costs as much as the products.
         let bytes = input.as_bytes();
+        // Quadruples hold `x - x_zp + offset` as unsigned bytes: `x + 128` for i8, `x` for u8.
+        let x_zp = c.x_zero_point;
         let out = match input.datum_type().unquantized() {
-            DatumType::I8 => fully_connected(c, bytemuck_i8(bytes), rows, zp),
-            DatumType::U8 => fully_connected(c, bytes, rows, zp),
-            _ => fully_connected(c, &widen(input)?, rows, zp),
+            DatumType::I8 => fully_connected(c, bytemuck_i8(bytes), rows, zp, x_zp + 128),
+            DatumType::U8 => fully_connected(c, bytes, rows, zp, x_zp),
+            _ => fully_connected(c, &widen(input)?, rows, zp, 0),
         };
         Ok(tvec!(
             self.output.store(&out, &[rows, c.outputs])?.into_tvalue()
@@ -676,14 +689,43 @@ fn bytemuck_i8(bytes: &[u8]) -> &[i8] {
     }
 }
 
-/// The rows of a fully-connected layer. Compiled for AVX2 and SSE4.1 too, chosen at run time.
+/// The rows of a fully-connected layer: on AVX-512 VNNI quadruples where [`Channels::packing`]
+/// allows (`offset` as for [`paired_conv`]), else per row with the inputs that equal their zero
+/// point skipped. Compiled for AVX2 and SSE4.1 too, chosen at run time.
 #[multiversion(targets("x86_64+avx2", "x86_64+sse4.1"))]
 fn fully_connected<T: Copy + Into<i32>>(
     c: &Channels,
     x: &[T],
     rows: usize,
     zero_point: i32,
+    offset: i32,
 ) -> Vec<i32> {
+    if c.packing::<T>() == Some(Packing::Quads) {
+        let words = c.depth.div_ceil(4);
+        let mut packed = vec![0i32; rows * words];
+        let mut centered = vec![0i32; c.depth];
+        for (row, words) in x.chunks_exact(c.depth).zip(packed.chunks_exact_mut(words)) {
+            for (v, &x) in centered.iter_mut().zip(row) {
+                *v = x.into() - c.x_zero_point;
+            }
+            Packing::Quads.pack(&centered, offset, words);
+        }
+        let mut out = c.bias_for(Packing::Quads, offset).repeat(rows);
+        let mut r = 0;
+        while r < rows {
+            let segments = [(0, r * words, words)];
+            let acc = &mut out[r * c.outputs..];
+            if rows - r >= PIXELS {
+                c.accumulate_pixels::<PIXELS>(Packing::Quads, acc, &segments, words, &packed);
+                r += PIXELS;
+            } else {
+                c.accumulate_pixels::<1>(Packing::Quads, acc, &segments, words, &packed);
+                r += 1;
+            }
+        }
+        c.requantization.apply_rows(&mut out, zero_point);
+        return out;
+    }
     let mut out = Vec::with_capacity(rows * c.outputs);
     let paired = c.pairs_help::<T>();
     let mut pairs = Vec::new();
@@ -1054,16 +1096,8 @@ fn paired_conv<T: Copy + Into<i32>>(
         if n * oh * ow == 0 {
             return Vec::new();
         }
-        // Every output pixel starts from the bias (less what the quadruples' offset adds).
-        let mut out = match packing {
-            Packing::Pairs => c.bias.repeat(n * oh * ow),
-            Packing::Quads => {
-                let bias: Vec<i32> = (c.bias.iter().zip(&c.column_sums))
-                    .map(|(&b, &s)| b - offset * s)
-                    .collect();
-                bias.repeat(n * oh * ow)
-            }
-        };
+        // Every output pixel starts from the bias.
+        let mut out = c.bias_for(packing, offset).repeat(n * oh * ow);
         let mut segments: Vec<(usize, usize, usize)> = Vec::with_capacity(kh * kw);
         let width = packing.width();
         let tapwise = cin.is_multiple_of(width);
@@ -1962,9 +1996,16 @@ mod tests {
 
     #[test]
     fn an_int8_fully_connected_layer_matches_the_direct_sum() {
-        // i8 input (negative values, zero point -5), odd depth, 13 outputs (a block of 8 and 5
-        // more), weight zero points 0 as in int8 TFLite models (the sum pass is skipped).
-        let (depth, outputs, rows) = (9, 13, 2);
+        // i8 input (negative values, zero point -5), odd depth, weight zero points 0 as in int8
+        // TFLite models (the sum pass is skipped). 13 outputs (a block of 8 and 5 more) per row;
+        // 80 outputs over 5 rows and depth 9 and 70 (quadruples with a partial last one, four rows
+        // at a time and one more) where the CPU has AVX-512 VNNI.
+        for (depth, outputs, rows) in [(9, 13, 2), (9, 80, 5), (70, 80, 5)] {
+            int8_fully_connected_matches_the_direct_sum(depth, outputs, rows);
+        }
+    }
+
+    fn int8_fully_connected_matches_the_direct_sum(depth: usize, outputs: usize, rows: usize) {
         let w = values(outputs * depth, 6, -128, 127);
         let bias = values(outputs, 7, -3000, 3000);
         let raw: Vec<i8> = w.iter().map(|&v| v as i8).collect();
@@ -1997,7 +2038,10 @@ mod tests {
                 y.clamp(-128, 127) as i8 as u8
             })
             .collect();
-        assert_eq!(out, expected);
+        assert_eq!(
+            out, expected,
+            "depth {depth}, {outputs} outputs, {rows} rows"
+        );
     }
 
     #[test]
