@@ -19,8 +19,11 @@
 //! element-wise int8 ADD and MUL, inputs quantized alike or not.
 //!
 //! 8-bit activations are read in place; the products accumulate in `i32` blocks held in
-//! registers (portable, vectorized by the compiler) or, on x86-64 with AVX2, two depth rows per
-//! `vpmaddwd` ([`madd`]).
+//! registers: portable (vectorized by the compiler), or on x86-64 with AVX2 two depth rows per
+//! `vpmaddwd` ([`madd`]), or with AVX-512 VNNI four per `vpdpbusd` ([`mod@vnni`]), chosen at run time.
+//! One-group convolutions on those instructions take four output pixels at a time over an input
+//! packed once ([`paired_conv`]); requantization runs over whole layers in a vectorized loop
+//! ([`Requantization`]).
 
 use multiversion::multiversion;
 use tract_core::internal::*;
@@ -140,6 +143,9 @@ impl Requantization {
             Requantization::FixedPoint { multiplier, .. } => multiplier.len(),
             Requantization::Float(bits) => bits.len(),
         };
+        if tile == 0 {
+            return; // No channels, so no values.
+        }
         for chunk in values.chunks_mut(tile) {
             self.apply(chunk, zero_point);
         }
@@ -287,8 +293,9 @@ fn axpy(acc: &mut [i32], x: i32, w: &[i32]) {
 /// Per-output-channel constants of an int8 convolution or fully-connected layer.
 ///
 /// Weights are stored transposed, `[depth][outputs]` and widened to `i32`, so that one input
-/// value updates every output's accumulator in one vectorized pass; inputs equal to their zero
-/// point (ReLU's zeros, padding) contribute nothing and are skipped.
+/// value updates every output's accumulator in one vectorized pass; on the per-row paths inputs
+/// equal to their zero point (ReLU's zeros, padding) contribute nothing and are skipped. The same
+/// weights are also laid out for the CPU's multiply-add instructions where it has them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct Channels {
     /// `w[k][o]`, raw weight values.
@@ -300,7 +307,8 @@ pub(crate) struct Channels {
     /// The weights as `i8` quadruples of depth rows, `[(depth + 3) / 4][outputs][4]` (the last
     /// padded with 0): the layout of AVX-512 VNNI's `vpdpbusd`, which multiplies four unsigned
     /// input bytes by four signed weights and adds all four products in one instruction. Built
-    /// only on CPUs with it, for 8-bit weights without zero points and whole blocks of 16 outputs.
+    /// only on CPUs with it, for weights whose values fit `i8`, without zero points, and whole
+    /// blocks of 16 outputs.
     weight_quads: Vec<i8>,
     /// `sum_k w[k][o]`: the inputs `vpdpbusd` reads are `x - x_zp + offset`, unsigned, and
     /// `offset * column_sums[o]` taken from the bias makes up for the offset.
@@ -375,7 +383,8 @@ impl Channels {
                 for k in 0..depth {
                     let v = raw[o * depth + k];
                     weight_quads[((k / 4) * outputs + o) * 4 + k % 4] = v as i8;
-                    column_sums[o] += i32::from(v);
+                    // Wrapping: the accumulators wrap alike, and the true result fits.
+                    column_sums[o] = column_sums[o].wrapping_add(i32::from(v));
                 }
             }
         }
@@ -545,10 +554,15 @@ impl Channels {
 
     /// How [`paired_conv`] can compute a one-group convolution with inputs of type `T`, if at
     /// all: every output on a packed path, and no weight zero points (whose correction needs each
-    /// pixel's input sum). Quadruples where AVX-512 VNNI weights were built, else pairs.
+    /// pixel's input sum). Quadruples where AVX-512 VNNI weights were built and `offset` (see
+    /// [`Packing::Quads`]) keeps every input byte unsigned, as it does for an 8-bit zero point;
+    /// else pairs.
     #[inline(always)]
-    fn packing<T>(&self) -> Option<Packing> {
-        if size_of::<T>() == 1 && !self.weight_quads.is_empty() {
+    fn packing<T>(&self, offset: i32) -> Option<Packing> {
+        if self.depth == 0 {
+            return None;
+        }
+        if size_of::<T>() == 1 && !self.weight_quads.is_empty() && (0..=255).contains(&offset) {
             Some(Packing::Quads)
         } else if self.pairs_help::<T>()
             && self.outputs.is_multiple_of(8)
@@ -566,7 +580,7 @@ impl Channels {
         match packing {
             Packing::Pairs => self.bias.clone(),
             Packing::Quads => (self.bias.iter().zip(&self.column_sums))
-                .map(|(&b, &s)| b - offset * s)
+                .map(|(&b, &s)| b.wrapping_sub(offset.wrapping_mul(s)))
                 .collect(),
         }
     }
@@ -700,17 +714,14 @@ fn fully_connected<T: Copy + Into<i32>>(
     zero_point: i32,
     offset: i32,
 ) -> Vec<i32> {
-    if c.packing::<T>() == Some(Packing::Quads) {
+    if c.packing::<T>(offset) == Some(Packing::Quads) {
         let words = c.depth.div_ceil(4);
         let mut packed = vec![0i32; rows * words];
-        let mut centered = vec![0i32; c.depth];
         for (row, words) in x.chunks_exact(c.depth).zip(packed.chunks_exact_mut(words)) {
-            for (v, &x) in centered.iter_mut().zip(row) {
-                *v = x.into() - c.x_zero_point;
-            }
-            Packing::Quads.pack(&centered, offset, words);
+            Packing::Quads.pack(row, c.x_zero_point, offset, words);
         }
-        let mut out = c.bias_for(Packing::Quads, offset).repeat(rows);
+        let bias = c.bias_for(Packing::Quads, offset);
+        let mut out = if rows == 1 { bias } else { bias.repeat(rows) };
         let mut r = 0;
         while r < rows {
             let segments = [(0, r * words, words)];
@@ -855,7 +866,7 @@ fn depthwise<T: Copy + Into<i32>>(conv: &QConv, x: &[T], n: usize, h: usize, w: 
         let [oh, ow] = conv.out_hw;
         let [sy, sx] = conv.strides;
         let [dy, dx] = conv.dilations;
-        if n * oh * ow == 0 {
+        if n * oh * ow * ch == 0 {
             return Vec::new();
         }
         let (hp, wp) = conv.padded_size(h, w);
@@ -1041,26 +1052,35 @@ impl Packing {
         }
     }
 
-    /// `values` (centered) packed into `out`, one word per [`Packing::width`] values.
+    /// `values` less `zero_point` (centered) packed into `out`, one word per
+    /// [`Packing::width`] values.
     #[inline(always)]
-    fn pack(self, values: &[i32], offset: i32, out: &mut [i32]) {
+    fn pack<T: Copy + Into<i32>>(
+        self,
+        values: &[T],
+        zero_point: i32,
+        offset: i32,
+        out: &mut [i32],
+    ) {
+        let v = |x: T| x.into() - zero_point;
         let whole = values.chunks_exact(self.width());
         let tail = whole.remainder();
         match self {
             Packing::Pairs => {
-                for (o, v) in out.iter_mut().zip(whole) {
-                    *o = pack_pair(v[0], v[1]);
+                for (o, x) in out.iter_mut().zip(whole) {
+                    *o = pack_pair(v(x[0]), v(x[1]));
                 }
             }
             Packing::Quads => {
-                for (o, v) in out.iter_mut().zip(whole) {
-                    let byte = |i: usize| (v[i] + offset) as u8;
+                for (o, x) in out.iter_mut().zip(whole) {
+                    let byte = |i: usize| (v(x[i]) + offset) as u8;
                     *o = i32::from_le_bytes([byte(0), byte(1), byte(2), byte(3)]);
                 }
             }
         }
         if !tail.is_empty() {
-            out[values.len() / self.width()] = self.word(tail, offset);
+            let tail: Vec<i32> = tail.iter().map(|&x| v(x)).collect();
+            out[values.len() / self.width()] = self.word(&tail, offset);
         }
     }
 }
@@ -1093,7 +1113,7 @@ fn paired_conv<T: Copy + Into<i32>>(
         let [oh, ow] = conv.out_hw;
         let [sy, sx] = conv.strides;
         let [dy, dx] = conv.dilations;
-        if n * oh * ow == 0 {
+        if n * oh * ow * c.outputs == 0 {
             return Vec::new();
         }
         // Every output pixel starts from the bias.
@@ -1107,7 +1127,7 @@ fn paired_conv<T: Copy + Into<i32>>(
         let padded = conv.centered_padded(x, n, h, w);
         let packed = if tapwise {
             let mut image = vec![0i32; padded.len() / width];
-            packing.pack(&padded, offset, &mut image);
+            packing.pack(&padded, 0, offset, &mut image);
             image
         } else {
             // Each output pixel's receptive field (one run of `kw * cin` values per kernel row
@@ -1132,7 +1152,7 @@ fn paired_conv<T: Copy + Into<i32>>(
                             }
                         }
                         let row = rows.next().expect("one row per output pixel");
-                        packing.pack(&field, offset, row);
+                        packing.pack(&field, 0, offset, row);
                     }
                 }
             }
@@ -1197,14 +1217,14 @@ impl EvalOp for QConv {
             && self.channels.weight_zero_points.is_none();
         let input = &inputs[0];
         let dt = input.datum_type().unquantized();
-        let packing = match dt {
-            _ if self.groups != 1 => None,
-            DatumType::I8 => self.channels.packing::<i8>(),
-            DatumType::U8 => self.channels.packing::<u8>(),
-            _ => None,
-        };
         // Quadruples hold `x - x_zp + offset` as unsigned bytes: `x + 128` for i8, `x` for u8.
         let zp = self.channels.x_zero_point;
+        let packing = match dt {
+            _ if self.groups != 1 => None,
+            DatumType::I8 => self.channels.packing::<i8>(zp + 128),
+            DatumType::U8 => self.channels.packing::<u8>(zp),
+            _ => None,
+        };
         // 8-bit values are read in place.
         let bytes = input.as_bytes();
         let out = match (channel_wise, dt, packing) {
@@ -2102,16 +2122,20 @@ mod tests {
         // that it does not, strides 1 and 2, SAME padding, and output widths that leave pixels
         // over after the blocks of four; int8 and uint8 inputs.
         let cases = [
-            (3, 2, 9, 11, 40),
-            (4, 1, 5, 7, 40),
-            (6, 2, 8, 10, 40),
-            (3, 1, 4, 6, 40),
-            (3, 2, 9, 11, 80),
-            (4, 1, 5, 7, 80),
-            (8, 2, 8, 10, 80),
-            (6, 1, 6, 5, 48),
+            (3, 2, 9, 11, 40, 1, 1),
+            (4, 1, 5, 7, 40, 1, 1),
+            (6, 2, 8, 10, 40, 1, 1),
+            (3, 1, 4, 6, 40, 1, 1),
+            (3, 2, 9, 11, 80, 1, 1),
+            (4, 1, 5, 7, 80, 1, 1),
+            (8, 2, 8, 10, 80, 1, 1),
+            (6, 1, 6, 5, 48, 1, 1),
+            // Two images, dilation 2: tapwise and gathered, on either packing.
+            (4, 1, 7, 9, 80, 2, 2),
+            (3, 1, 7, 9, 80, 2, 2),
+            (3, 2, 8, 9, 40, 2, 2),
         ];
-        for (cin, stride, h, w, outputs) in cases {
+        for (cin, stride, h, w, outputs, batch, dilation) in cases {
             for unsigned in [false, true] {
                 let conv = Geometry {
                     cin,
@@ -2119,13 +2143,16 @@ mod tests {
                     h,
                     w,
                     outputs,
+                    batch,
+                    dilation,
                 };
                 paired_convolution_matches_the_direct_sum(conv, unsigned);
             }
         }
     }
 
-    /// One convolution case: input channels, stride, input size, output channels.
+    /// One convolution case: input channels, stride, input size, output channels, images,
+    /// dilation.
     #[derive(Debug, Clone, Copy)]
     struct Geometry {
         cin: usize,
@@ -2133,6 +2160,8 @@ mod tests {
         h: usize,
         w: usize,
         outputs: usize,
+        batch: usize,
+        dilation: usize,
     }
 
     fn paired_convolution_matches_the_direct_sum(case: Geometry, unsigned: bool) {
@@ -2142,12 +2171,14 @@ mod tests {
             h,
             w,
             outputs: out_channels,
+            batch,
+            dilation,
         } = case;
         let k = 3;
-        let (oh, pad_y) = QConv::geometry(h, k, stride, 1, true);
-        let (ow, pad_x) = QConv::geometry(w, k, stride, 1, true);
+        let (oh, pad_y) = QConv::geometry(h, k, stride, dilation, true);
+        let (ow, pad_x) = QConv::geometry(w, k, stride, dilation, true);
         let depth = k * k * cin;
-        let weights = values(out_channels * depth, 31, -127, 127);
+        let weights = values(out_channels * depth, 31, -128, 127);
         let bias = values(out_channels, 32, -3000, 3000);
         let raw: Vec<i8> = weights.iter().map(|&v| v as i8).collect();
         let x_zp = if unsigned { 131 } else { -9 };
@@ -2172,47 +2203,47 @@ mod tests {
             output,
             kernel: [k, k],
             strides: [stride, stride],
-            dilations: [1, 1],
+            dilations: [dilation, dilation],
             pad_before: [pad_y, pad_x],
             out_hw: [oh, ow],
             groups: 1,
             in_channels: cin,
         };
         let (lo, hi) = if unsigned { (0, 255) } else { (-128, 127) };
-        let x: Vec<i32> = values(h * w * cin, 33, lo, hi)
+        let x: Vec<i32> = values(batch * h * w * cin, 33, lo, hi)
             .into_iter()
             .enumerate()
             .map(|(i, v)| if i % 5 == 0 { x_zp } else { v })
             .collect();
         let out = if unsigned {
             let x: Vec<u8> = x.iter().map(|&v| v as u8).collect();
-            eval_on(&conv, &[1, h, w, cin], &x)
+            eval_on(&conv, &[batch, h, w, cin], &x)
         } else {
             let x: Vec<i8> = x.iter().map(|&v| v as i8).collect();
-            eval_on(&conv, &[1, h, w, cin], &x)
+            eval_on(&conv, &[batch, h, w, cin], &x)
         };
         let mut expected = Vec::new();
-        for oy in 0..oh {
-            for ox in 0..ow {
-                for o in 0..out_channels {
-                    let mut acc = bias[o];
-                    for ky in 0..k {
-                        for kx in 0..k {
-                            let iy = (oy * stride + ky) as isize - pad_y as isize;
-                            let ix = (ox * stride + kx) as isize - pad_x as isize;
-                            if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
-                                continue;
-                            }
-                            for c in 0..cin {
-                                let at = (iy as usize * w + ix as usize) * cin + c;
-                                let wv = weights[((o * k + ky) * k + kx) * cin + c];
-                                acc += (x[at] - x_zp) * wv;
-                            }
+        for (b, oy, ox) in
+            (0..batch).flat_map(|b| (0..oh).flat_map(move |oy| (0..ow).map(move |ox| (b, oy, ox))))
+        {
+            for o in 0..out_channels {
+                let mut acc = bias[o];
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let iy = (oy * stride + ky * dilation) as isize - pad_y as isize;
+                        let ix = (ox * stride + kx * dilation) as isize - pad_x as isize;
+                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                            continue;
+                        }
+                        for c in 0..cin {
+                            let at = ((b * h + iy as usize) * w + ix as usize) * cin + c;
+                            let wv = weights[((o * k + ky) * k + kx) * cin + c];
+                            acc += (x[at] - x_zp) * wv;
                         }
                     }
-                    let y = Multiplier::new(0.5 * 0.01 / 0.3).apply(acc) - 4;
-                    expected.push(y.clamp(-128, 127) as i8 as u8);
                 }
+                let y = Multiplier::new(0.5 * 0.01 / 0.3).apply(acc) - 4;
+                expected.push(y.clamp(-128, 127) as i8 as u8);
             }
         }
         assert_eq!(out, expected, "{case:?}, unsigned input: {unsigned}");
@@ -2250,30 +2281,37 @@ mod tests {
             groups: ch,
             in_channels: ch,
         };
+        // The same bytes as uint8 and as int8 codes (values -128..=127), both read in place.
         let x = input(h * w_ * ch, 23);
-        let out = eval_on(&conv, &[1, h, w_, ch], &x);
-        let mut expected = Vec::new();
-        for oy in 0..oh {
-            for ox in 0..ow {
-                for c in 0..ch {
-                    let mut acc = bias[c];
-                    for ky in 0..k {
-                        for kx in 0..k {
-                            let iy = (oy * 2 + ky) as isize - pad_y as isize;
-                            let ix = (ox * 2 + kx) as isize - pad_x as isize;
-                            if iy < 0 || ix < 0 || iy >= h as isize || ix >= w_ as isize {
-                                continue;
+        let signed: Vec<i8> = x.iter().map(|&v| v as i8).collect();
+        let expected = |value: &dyn Fn(usize) -> i32| {
+            let mut expected = Vec::new();
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    for c in 0..ch {
+                        let mut acc = bias[c];
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let iy = (oy * 2 + ky) as isize - pad_y as isize;
+                                let ix = (ox * 2 + kx) as isize - pad_x as isize;
+                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= w_ as isize {
+                                    continue;
+                                }
+                                let xv = value((iy as usize * w_ + ix as usize) * ch + c);
+                                acc += (xv - X_ZP) * w[c * k * k + ky * k + kx];
                             }
-                            let xv = i32::from(x[(iy as usize * w_ + ix as usize) * ch + c]);
-                            acc += (xv - X_ZP) * w[c * k * k + ky * k + kx];
                         }
+                        expected.push(reference_output(acc, 0.5 * 0.01 / 0.3, 120));
                     }
-                    expected.push(reference_output(acc, 0.5 * 0.01 / 0.3, 120));
                 }
             }
-        }
+            expected
+        };
         assert_eq!((oh, ow), (4, 3));
-        assert_eq!(out, expected);
+        let unsigned = eval_on(&conv, &[1, h, w_, ch], &x);
+        assert_eq!(unsigned, expected(&|i| i32::from(x[i])));
+        let out = eval_on(&conv, &[1, h, w_, ch], &signed);
+        assert_eq!(out, expected(&|i| i32::from(signed[i])));
     }
 
     #[test]

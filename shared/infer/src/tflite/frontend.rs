@@ -850,7 +850,7 @@ impl<'m> Frontend<'m> {
             )
         });
         let (dt_a, dt_b) = (self.dt(a)?, self.dt(b)?);
-        // The table-driven int8 ADD needs both inputs of one 8-bit type.
+        // The int8 ADD kernel takes both inputs of one 8-bit type.
         let same_8bit = dt_a == dt_b && matches!(dt_a, DatumType::I8 | DatumType::U8);
         if let (true, Some(qa), Some(qb), Some(qy)) = (int_inputs, qa, qb, self.q(out)?) {
             let operand = |q: Affine| Operand {
