@@ -1124,12 +1124,23 @@ fn paired_conv<T: Copy + Into<i32>>(
         let per_tap = cin / width;
         let words = c.depth.div_ceil(width);
         let (hp, wp) = conv.padded_size(h, w);
-        let padded = conv.centered_padded(x, n, h, w);
         let packed = if tapwise {
-            let mut image = vec![0i32; padded.len() / width];
-            packing.pack(&padded, 0, offset, &mut image);
+            // Packed straight from the input, row by row, into an image whose padding words hold
+            // centered zeros.
+            let [pad_y, pad_x] = conv.pad_before;
+            let padding = packing.word(&[0; 4][..width], offset);
+            let mut image = vec![padding; n * hp * wp * per_tap];
+            for b in 0..n {
+                for y in 0..h {
+                    let from = (b * h + y) * w * cin;
+                    let to = ((b * hp + y + pad_y) * wp + pad_x) * per_tap;
+                    let (row, words) = (&x[from..from + w * cin], &mut image[to..to + w * per_tap]);
+                    packing.pack(row, c.x_zero_point, offset, words);
+                }
+            }
             image
         } else {
+            let padded = conv.centered_padded(x, n, h, w);
             // Each output pixel's receptive field (one run of `kw * cin` values per kernel row
             // without dilation), packed.
             let run = (kw - 1) * dx + 1;
