@@ -684,7 +684,9 @@ impl EvalOp for QFullyConnected {
         // Quadruples hold `x - x_zp + offset` as unsigned bytes: `x + 128` for i8, `x` for u8.
         let x_zp = c.x_zero_point;
         let out = match input.datum_type().unquantized() {
-            DatumType::I8 => fully_connected(c, bytemuck_i8(bytes), rows, zp, x_zp + 128),
+            DatumType::I8 => {
+                fully_connected(c, bytemuck_i8(bytes), rows, zp, x_zp.saturating_add(128))
+            }
             DatumType::U8 => fully_connected(c, bytes, rows, zp, x_zp),
             _ => fully_connected(c, &widen(input)?, rows, zp, 0),
         };
@@ -1079,8 +1081,11 @@ impl Packing {
             }
         }
         if !tail.is_empty() {
-            let tail: Vec<i32> = tail.iter().map(|&x| v(x)).collect();
-            out[values.len() / self.width()] = self.word(&tail, offset);
+            let mut centered = [0; 4];
+            for (c, &x) in centered.iter_mut().zip(tail) {
+                *c = v(x);
+            }
+            out[values.len() / self.width()] = self.word(&centered[..self.width()], offset);
         }
     }
 }
@@ -1232,7 +1237,7 @@ impl EvalOp for QConv {
         let zp = self.channels.x_zero_point;
         let packing = match dt {
             _ if self.groups != 1 => None,
-            DatumType::I8 => self.channels.packing::<i8>(zp + 128),
+            DatumType::I8 => self.channels.packing::<i8>(zp.saturating_add(128)),
             DatumType::U8 => self.channels.packing::<u8>(zp),
             _ => None,
         };
@@ -1242,9 +1247,13 @@ impl EvalOp for QConv {
             (true, DatumType::I8, _) => depthwise(self, bytemuck_i8(bytes), n, h, w),
             (true, DatumType::U8, _) => depthwise(self, bytes, n, h, w),
             (true, _, _) => depthwise(self, &widen(input)?, n, h, w),
-            (false, DatumType::I8, Some(packing)) => {
-                paired_conv(self, bytemuck_i8(bytes), [n, h, w], packing, zp + 128)
-            }
+            (false, DatumType::I8, Some(packing)) => paired_conv(
+                self,
+                bytemuck_i8(bytes),
+                [n, h, w],
+                packing,
+                zp.saturating_add(128),
+            ),
             (false, DatumType::U8, Some(packing)) => {
                 paired_conv(self, bytes, [n, h, w], packing, zp)
             }
@@ -2027,22 +2036,44 @@ mod tests {
 
     #[test]
     fn an_int8_fully_connected_layer_matches_the_direct_sum() {
-        // i8 input (negative values, zero point -5), odd depth, weight zero points 0 as in int8
-        // TFLite models (the sum pass is skipped). 13 outputs (a block of 8 and 5 more) per row;
-        // 80 outputs over 5 rows and depth 9 and 70 (quadruples with a partial last one, four rows
-        // at a time and one more) where the CPU has AVX-512 VNNI.
+        // 8-bit input, odd depth, weight zero points 0 as in int8 TFLite models (the sum pass is
+        // skipped). 13 outputs (a block of 8 and 5 more) per row; 80 outputs over 5 rows and
+        // depth 9 and 70 (quadruples with a partial last one, four rows at a time and one more)
+        // where the CPU has AVX-512 VNNI. Input zero points: ordinary and at both ends of the
+        // 8-bit ranges (quadruple offsets 0 and 255), int8 and uint8.
         for (depth, outputs, rows) in [(9, 13, 2), (9, 80, 5), (70, 80, 5)] {
-            int8_fully_connected_matches_the_direct_sum(depth, outputs, rows);
+            for (unsigned, x_zp) in [(false, -5), (true, 131), (false, -128), (true, 255)] {
+                fully_connected_matches_the_direct_sum([depth, outputs, rows], unsigned, x_zp);
+            }
         }
     }
 
-    fn int8_fully_connected_matches_the_direct_sum(depth: usize, outputs: usize, rows: usize) {
+    fn fully_connected_matches_the_direct_sum(
+        [depth, outputs, rows]: [usize; 3],
+        unsigned: bool,
+        x_zp: i32,
+    ) {
         let w = values(outputs * depth, 6, -128, 127);
         let bias = values(outputs, 7, -3000, 3000);
         let raw: Vec<i8> = w.iter().map(|&v| v as i8).collect();
         let weights = Tensor::from_shape(&[outputs, depth], &raw).unwrap();
-        let channels =
-            Channels::new(&weights, Some(&tensor1(&bias)), -5, 0.5, &[0.01], &[0], 0.3).unwrap();
+        let channels = Channels::new(
+            &weights,
+            Some(&tensor1(&bias)),
+            x_zp,
+            0.5,
+            &[0.01],
+            &[0],
+            0.3,
+        )
+        .unwrap();
+        let offset = if unsigned { x_zp } else { x_zp + 128 };
+        let quads = vnni() && outputs.is_multiple_of(16);
+        assert_eq!(
+            channels.packing::<u8>(offset) == Some(Packing::Quads),
+            quads,
+            "the packing this CPU should take"
+        );
         let op = QFullyConnected {
             channels,
             output: IntOutput {
@@ -2052,18 +2083,25 @@ mod tests {
                 dt: DatumType::I8,
             },
         };
-        let x: Vec<i8> = values(rows * depth, 8, -128, 127)
+        let (lo, hi) = if unsigned { (0, 255) } else { (-128, 127) };
+        let x: Vec<i32> = values(rows * depth, 8, lo, hi)
             .into_iter()
             .enumerate()
-            .map(|(i, v)| if i % 4 == 0 { -5 } else { v as i8 })
+            .map(|(i, v)| if i % 4 == 0 { x_zp } else { v })
             .collect();
-        let out = eval_on(&op, &[rows, depth], &x);
+        let out = if unsigned {
+            let x: Vec<u8> = x.iter().map(|&v| v as u8).collect();
+            eval_on(&op, &[rows, depth], &x)
+        } else {
+            let x: Vec<i8> = x.iter().map(|&v| v as i8).collect();
+            eval_on(&op, &[rows, depth], &x)
+        };
         let expected: Vec<u8> = (0..rows * outputs)
             .map(|i| {
                 let (r, o) = (i / outputs, i % outputs);
                 let acc = bias[o]
                     + (0..depth)
-                        .map(|k| (i32::from(x[r * depth + k]) + 5) * w[o * depth + k])
+                        .map(|k| (x[r * depth + k] - x_zp) * w[o * depth + k])
                         .sum::<i32>();
                 let y = Multiplier::new(0.5 * 0.01 / 0.3).apply(acc) - 3;
                 y.clamp(-128, 127) as i8 as u8
@@ -2071,7 +2109,7 @@ mod tests {
             .collect();
         assert_eq!(
             out, expected,
-            "depth {depth}, {outputs} outputs, {rows} rows"
+            "depth {depth}, {outputs} outputs, {rows} rows, unsigned {unsigned}, zero point {x_zp}"
         );
     }
 
@@ -2145,6 +2183,7 @@ mod tests {
             (4, 1, 7, 9, 80, 2, 2),
             (3, 1, 7, 9, 80, 2, 2),
             (3, 2, 8, 9, 40, 2, 2),
+            (4, 1, 7, 9, 40, 2, 2),
         ];
         for (cin, stride, h, w, outputs, batch, dilation) in cases {
             for unsigned in [false, true] {
@@ -2203,6 +2242,15 @@ mod tests {
             0.3,
         )
         .unwrap();
+        let offset = if unsigned { x_zp } else { x_zp + 128 };
+        let expected_packing = if vnni() && out_channels.is_multiple_of(16) {
+            Some(Packing::Quads)
+        } else if avx2() {
+            Some(Packing::Pairs)
+        } else {
+            None
+        };
+        assert_eq!(channels.packing::<u8>(offset), expected_packing);
         let output = IntOutput {
             zero_point: -4,
             min: -128,
