@@ -229,12 +229,16 @@ impl IntOutput {
     }
 }
 
-/// An integer output type: a value already clamped to its range, stored.
-trait Narrow: Copy {
+/// An integer storage type: its range, and a value already within it stored as it.
+pub(crate) trait Narrow: Copy {
+    const MIN: i32;
+    const MAX: i32;
     fn narrow(value: i32) -> Self;
 }
 
 impl Narrow for i8 {
+    const MIN: i32 = -128;
+    const MAX: i32 = 127;
     #[inline(always)]
     fn narrow(value: i32) -> Self {
         value as i8
@@ -242,6 +246,8 @@ impl Narrow for i8 {
 }
 
 impl Narrow for u8 {
+    const MIN: i32 = 0;
+    const MAX: i32 = 255;
     #[inline(always)]
     fn narrow(value: i32) -> Self {
         value as u8
@@ -249,6 +255,8 @@ impl Narrow for u8 {
 }
 
 impl Narrow for i16 {
+    const MIN: i32 = -32768;
+    const MAX: i32 = 32767;
     #[inline(always)]
     fn narrow(value: i32) -> Self {
         value as i16
@@ -528,28 +536,14 @@ impl Channels {
             && !self.weight_pairs.is_empty()
     }
 
-    /// Appends `x` (starting at an even depth row) as pairs of rows, as [`Channels::pack`] does.
+    /// Appends `x` (starting at an even depth row) as pairs of rows ([`Packing::Pairs`]).
     #[inline(always)]
     fn pair<T: Copy + Into<i32>>(&self, x: &[T], out: &mut Vec<i32>) {
         let first = out.len();
         // Written in place rather than through `extend`, whose loop is a function of its own
         // and so compiled for the baseline instruction set, not the caller's.
         out.resize(first + x.len().div_ceil(2), 0);
-        self.pack(x, &mut out[first..]);
-    }
-
-    /// Writes `x` into `out` as pairs `(x[2p] - x_zp) | (x[2p + 1] - x_zp) << 16`, 16 bits each,
-    /// an odd last value paired with 0.
-    #[inline(always)]
-    fn pack<T: Copy + Into<i32>>(&self, x: &[T], out: &mut [i32]) {
-        let zp = self.x_zero_point;
-        let two = x.chunks_exact(2);
-        if let Some(&v) = two.remainder().first() {
-            out[x.len() / 2] = pack_pair(v.into() - zp, 0);
-        }
-        for (p, v) in out.iter_mut().zip(two) {
-            *p = pack_pair(v[0].into() - zp, v[1].into() - zp);
-        }
+        Packing::Pairs.pack(x, self.x_zero_point, 0, &mut out[first..]);
     }
 
     /// How [`paired_conv`] can compute a one-group convolution with inputs of type `T`, if at
@@ -574,6 +568,17 @@ impl Channels {
         }
     }
 
+    /// What makes inputs of type `dt` unsigned bytes in quadruples ([`Packing::Quads`] holds
+    /// `x - x_zp + offset`): `x + 128` for i8, `x` itself for u8; 0 for wider types, which never
+    /// take them.
+    fn quad_offset(&self, dt: DatumType) -> i32 {
+        match dt {
+            DatumType::I8 => self.x_zero_point.saturating_add(128),
+            DatumType::U8 => self.x_zero_point,
+            _ => 0,
+        }
+    }
+
     /// The bias to start accumulating from with `packing`: for quadruples, less what their
     /// `offset` adds to every input (`offset * column_sums[o]`).
     fn bias_for(&self, packing: Packing, offset: i32) -> Vec<i32> {
@@ -585,12 +590,32 @@ impl Channels {
         }
     }
 
-    /// [`madd::accumulate_pixels`] or [`vnni::accumulate_pixels`]: `acc` holds `P` pixels'
-    /// accumulators, one row of `outputs` each; `segments` are `(first weight word, offset of
-    /// pixel 0's words in input, words)`, and pixel `p` reads `p * step` further. Only with the
-    /// packing [`Channels::packing`] chose.
+    /// Accumulates [`PIXELS`] pixels, or one where fewer than that are `left` in the row, and
+    /// returns how many: `acc` holds their accumulators, one row of `outputs` each; `segments`
+    /// are `(first weight word, offset of the first pixel's words in input, words)`, and pixel
+    /// `p` reads `p * step` further. Only with the packing [`Channels::packing`] chose.
     #[inline(always)]
-    fn accumulate_pixels<const P: usize>(
+    fn accumulate_pixels(
+        &self,
+        packing: Packing,
+        acc: &mut [i32],
+        segments: &[(usize, usize, usize)],
+        step: usize,
+        input: &[i32],
+        left: usize,
+    ) -> usize {
+        if left >= PIXELS {
+            self.accumulate_block_of::<PIXELS>(packing, acc, segments, step, input);
+            PIXELS
+        } else {
+            self.accumulate_block_of::<1>(packing, acc, segments, step, input);
+            1
+        }
+    }
+
+    /// [`madd::accumulate_pixels`] or [`vnni::accumulate_pixels`] for `P` pixels.
+    #[inline(always)]
+    fn accumulate_block_of<const P: usize>(
         &self,
         packing: Packing,
         acc: &mut [i32],
@@ -681,14 +706,12 @@ impl EvalOp for QFullyConnected {
         // The raw values are read in place: this layer is often a whole model's only real work,
         // and on small models an extra copy of the input costs as much as the products.
         let bytes = input.as_bytes();
-        // Quadruples hold `x - x_zp + offset` as unsigned bytes: `x + 128` for i8, `x` for u8.
-        let x_zp = c.x_zero_point;
-        let out = match input.datum_type().unquantized() {
-            DatumType::I8 => {
-                fully_connected(c, bytemuck_i8(bytes), rows, zp, x_zp.saturating_add(128))
-            }
-            DatumType::U8 => fully_connected(c, bytes, rows, zp, x_zp),
-            _ => fully_connected(c, &widen(input)?, rows, zp, 0),
+        let dt = input.datum_type().unquantized();
+        let offset = c.quad_offset(dt);
+        let out = match dt {
+            DatumType::I8 => fully_connected(c, bytemuck_i8(bytes), rows, zp, offset),
+            DatumType::U8 => fully_connected(c, bytes, rows, zp, offset),
+            _ => fully_connected(c, &widen(input)?, rows, zp, offset),
         };
         Ok(tvec!(
             self.output.store(&out, &[rows, c.outputs])?.into_tvalue()
@@ -728,13 +751,7 @@ fn fully_connected<T: Copy + Into<i32>>(
         while r < rows {
             let segments = [(0, r * words, words)];
             let acc = &mut out[r * c.outputs..];
-            if rows - r >= PIXELS {
-                c.accumulate_pixels::<PIXELS>(Packing::Quads, acc, &segments, words, &packed);
-                r += PIXELS;
-            } else {
-                c.accumulate_pixels::<1>(Packing::Quads, acc, &segments, words, &packed);
-                r += 1;
-            }
+            r += c.accumulate_pixels(Packing::Quads, acc, &segments, words, &packed, rows - r);
         }
         c.requantization.apply_rows(&mut out, zero_point);
         return out;
@@ -1194,13 +1211,7 @@ fn paired_conv<T: Copy + Into<i32>>(
                         words
                     };
                     let acc = &mut out[((b * oh + oy) * ow + ox) * c.outputs..];
-                    if ow - ox >= PIXELS {
-                        c.accumulate_pixels::<PIXELS>(packing, acc, &segments, step, &packed);
-                        ox += PIXELS;
-                    } else {
-                        c.accumulate_pixels::<1>(packing, acc, &segments, step, &packed);
-                        ox += 1;
-                    }
+                    ox += c.accumulate_pixels(packing, acc, &segments, step, &packed, ow - ox);
                 }
             }
         }
@@ -1233,12 +1244,11 @@ impl EvalOp for QConv {
             && self.channels.weight_zero_points.is_none();
         let input = &inputs[0];
         let dt = input.datum_type().unquantized();
-        // Quadruples hold `x - x_zp + offset` as unsigned bytes: `x + 128` for i8, `x` for u8.
-        let zp = self.channels.x_zero_point;
+        let offset = self.channels.quad_offset(dt);
         let packing = match dt {
             _ if self.groups != 1 => None,
-            DatumType::I8 => self.channels.packing::<i8>(zp.saturating_add(128)),
-            DatumType::U8 => self.channels.packing::<u8>(zp),
+            DatumType::I8 => self.channels.packing::<i8>(offset),
+            DatumType::U8 => self.channels.packing::<u8>(offset),
             _ => None,
         };
         // 8-bit values are read in place.
@@ -1247,15 +1257,11 @@ impl EvalOp for QConv {
             (true, DatumType::I8, _) => depthwise(self, bytemuck_i8(bytes), n, h, w),
             (true, DatumType::U8, _) => depthwise(self, bytes, n, h, w),
             (true, _, _) => depthwise(self, &widen(input)?, n, h, w),
-            (false, DatumType::I8, Some(packing)) => paired_conv(
-                self,
-                bytemuck_i8(bytes),
-                [n, h, w],
-                packing,
-                zp.saturating_add(128),
-            ),
+            (false, DatumType::I8, Some(packing)) => {
+                paired_conv(self, bytemuck_i8(bytes), [n, h, w], packing, offset)
+            }
             (false, DatumType::U8, Some(packing)) => {
-                paired_conv(self, bytes, [n, h, w], packing, zp)
+                paired_conv(self, bytes, [n, h, w], packing, offset)
             }
             (false, DatumType::I8, None) => grouped(self, bytemuck_i8(bytes), n, h, w),
             (false, DatumType::U8, None) => grouped(self, bytes, n, h, w),
@@ -1519,8 +1525,8 @@ fn vnni() -> bool {
 /// Integer multiply-adds on AVX-512 VNNI: `vpdpbusd` multiplies four unsigned input bytes by four
 /// signed weight bytes and adds the four products into an `i32` lane, four depth rows per
 /// instruction over 16 outputs, where AVX2's `vpmaddwd` takes two rows over 8 outputs. XNNPACK
-/// (LiteRT's CPU kernels) uses it where the CPU has it, and without it our convolutions measured
-/// 3-6x slower than LiteRT's on such a CPU.
+/// (LiteRT's CPU kernels) uses it where the CPU has it; with AVX2 pairs alone, the MLPerf Tiny
+/// convolution models took 2.5–3.8× LiteRT's time on such a CPU (2026-11-24).
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use std::arch::x86_64::*;
@@ -2113,6 +2119,71 @@ mod tests {
         );
     }
 
+    /// A 3x3 convolution with SAME padding (TFLite puts the odd row and column after) over
+    /// `case`, in `groups` (1, or `cin` for depthwise).
+    fn same_conv(channels: Channels, output: IntOutput, case: Geometry, groups: usize) -> QConv {
+        let (oh, pad_y) = QConv::geometry(case.h, 3, case.stride, case.dilation, true);
+        let (ow, pad_x) = QConv::geometry(case.w, 3, case.stride, case.dilation, true);
+        QConv {
+            channels,
+            output,
+            kernel: [3, 3],
+            strides: [case.stride; 2],
+            dilations: [case.dilation; 2],
+            pad_before: [pad_y, pad_x],
+            out_hw: [oh, ow],
+            groups,
+            in_channels: case.cin,
+        }
+    }
+
+    /// [`same_conv`]'s accumulators (bias included, not requantized) from the definition: NHWC
+    /// `x` with zero point `x_zp`, weights `[outputs, 3, 3, cin / groups]` with a zero point per
+    /// output (`w_zps`, empty for none), taps outside the input skipped.
+    fn direct_conv(
+        conv: &QConv,
+        case: Geometry,
+        (x, x_zp): (&[i32], i32),
+        (w, w_zps): (&[i32], &[i32]),
+        bias: &[i32],
+    ) -> Vec<i32> {
+        let Geometry {
+            cin,
+            stride,
+            h,
+            w: width,
+            outputs,
+            batch,
+            dilation,
+        } = case;
+        let (per_group, outs_per_group) = (cin / conv.groups, outputs / conv.groups);
+        let ([oh, ow], [pad_y, pad_x]) = (conv.out_hw, conv.pad_before);
+        let mut accs = Vec::new();
+        for (b, oy, ox) in
+            (0..batch).flat_map(|b| (0..oh).flat_map(move |oy| (0..ow).map(move |ox| (b, oy, ox))))
+        {
+            for o in 0..outputs {
+                let (mut acc, group) = (bias[o], o / outs_per_group);
+                let w_zp = w_zps.get(o).copied().unwrap_or(0);
+                for (ky, kx) in (0..3).flat_map(|ky| (0..3).map(move |kx| (ky, kx))) {
+                    let iy = (oy * stride + ky * dilation) as isize - pad_y as isize;
+                    let ix = (ox * stride + kx * dilation) as isize - pad_x as isize;
+                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= width as isize {
+                        continue;
+                    }
+                    let pixel = (b * h + iy as usize) * width + ix as usize;
+                    for c in 0..per_group {
+                        let xv = x[pixel * cin + group * per_group + c];
+                        let wv = w[((o * 3 + ky) * 3 + kx) * per_group + c];
+                        acc += (xv - x_zp) * (wv - w_zp);
+                    }
+                }
+                accs.push(acc);
+            }
+        }
+        accs
+    }
+
     #[test]
     fn a_wide_convolution_matches_the_direct_sum() {
         // 3 input channels take the portable blocks, 4 the input packed in pairs of channels.
@@ -2122,44 +2193,25 @@ mod tests {
     }
 
     fn wide_convolution_matches_the_direct_sum(cin: usize) {
-        // 3x3 kernel, stride 1, SAME padding.
-        let (h, w_, k) = (5, 4, 3);
-        let (w, w_zps, bias, channels) = wide_channels(k * k * cin);
-        let conv = QConv {
-            channels,
-            output: u8_output(),
-            kernel: [k, k],
-            strides: [1, 1],
-            dilations: [1, 1],
-            pad_before: [1, 1],
-            out_hw: [h, w_],
-            groups: 1,
-            in_channels: cin,
+        // Stride 1, weight zero points per output.
+        let case = Geometry {
+            cin,
+            stride: 1,
+            h: 5,
+            w: 4,
+            outputs: OUTPUTS,
+            batch: 1,
+            dilation: 1,
         };
-        let x = input(h * w_ * cin, 5);
-        let out = eval_on(&conv, &[1, h, w_, cin], &x);
-        let mut expected = Vec::new();
-        for oy in 0..h {
-            for ox in 0..w_ {
-                for o in 0..OUTPUTS {
-                    let mut acc = bias[o];
-                    for ky in 0..k {
-                        for kx in 0..k {
-                            let (iy, ix) = (oy + ky, ox + kx);
-                            if iy < 1 || ix < 1 || iy > h || ix > w_ {
-                                continue;
-                            }
-                            for c in 0..cin {
-                                let xv = i32::from(x[((iy - 1) * w_ + ix - 1) * cin + c]);
-                                let wv = w[((o * k + ky) * k + kx) * cin + c];
-                                acc += (xv - X_ZP) * (wv - w_zps[o]);
-                            }
-                        }
-                    }
-                    expected.push(reference_output(acc, 0.5 * 0.01 / 0.3, 120));
-                }
-            }
-        }
+        let (w, w_zps, bias, channels) = wide_channels(9 * cin);
+        let conv = same_conv(channels, u8_output(), case, 1);
+        let x = input(case.h * case.w * cin, 5);
+        let out = eval_on(&conv, &[1, case.h, case.w, cin], &x);
+        let x: Vec<i32> = x.iter().map(|&v| i32::from(v)).collect();
+        let expected: Vec<u8> = direct_conv(&conv, case, (&x, X_ZP), (&w, &w_zps), &bias)
+            .into_iter()
+            .map(|acc| reference_output(acc, 0.5 * 0.01 / 0.3, 120))
+            .collect();
         assert_eq!(out, expected, "{cin} input channels");
     }
 
@@ -2217,17 +2269,13 @@ mod tests {
     fn paired_convolution_matches_the_direct_sum(case: Geometry, unsigned: bool) {
         let Geometry {
             cin,
-            stride,
             h,
             w,
             outputs: out_channels,
             batch,
-            dilation,
+            ..
         } = case;
-        let k = 3;
-        let (oh, pad_y) = QConv::geometry(h, k, stride, dilation, true);
-        let (ow, pad_x) = QConv::geometry(w, k, stride, dilation, true);
-        let depth = k * k * cin;
+        let depth = 9 * cin;
         let weights = values(out_channels * depth, 31, -128, 127);
         let bias = values(out_channels, 32, -3000, 3000);
         let raw: Vec<i8> = weights.iter().map(|&v| v as i8).collect();
@@ -2257,17 +2305,7 @@ mod tests {
             max: 127,
             dt: DatumType::I8,
         };
-        let conv = QConv {
-            channels,
-            output,
-            kernel: [k, k],
-            strides: [stride, stride],
-            dilations: [dilation, dilation],
-            pad_before: [pad_y, pad_x],
-            out_hw: [oh, ow],
-            groups: 1,
-            in_channels: cin,
-        };
+        let conv = same_conv(channels, output, case, 1);
         let (lo, hi) = if unsigned { (0, 255) } else { (-128, 127) };
         let x: Vec<i32> = values(batch * h * w * cin, 33, lo, hi)
             .into_iter()
@@ -2281,44 +2319,34 @@ mod tests {
             let x: Vec<i8> = x.iter().map(|&v| v as i8).collect();
             eval_on(&conv, &[batch, h, w, cin], &x)
         };
-        let mut expected = Vec::new();
-        for (b, oy, ox) in
-            (0..batch).flat_map(|b| (0..oh).flat_map(move |oy| (0..ow).map(move |ox| (b, oy, ox))))
-        {
-            for o in 0..out_channels {
-                let mut acc = bias[o];
-                for ky in 0..k {
-                    for kx in 0..k {
-                        let iy = (oy * stride + ky * dilation) as isize - pad_y as isize;
-                        let ix = (ox * stride + kx * dilation) as isize - pad_x as isize;
-                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
-                            continue;
-                        }
-                        for c in 0..cin {
-                            let at = ((b * h + iy as usize) * w + ix as usize) * cin + c;
-                            let wv = weights[((o * k + ky) * k + kx) * cin + c];
-                            acc += (x[at] - x_zp) * wv;
-                        }
-                    }
-                }
+        let expected: Vec<u8> = direct_conv(&conv, case, (&x, x_zp), (&weights, &[]), &bias)
+            .into_iter()
+            .map(|acc| {
                 let y = Multiplier::new(0.5 * 0.01 / 0.3).apply(acc) - 4;
-                expected.push(y.clamp(-128, 127) as i8 as u8);
-            }
-        }
+                y.clamp(-128, 127) as i8 as u8
+            })
+            .collect();
         assert_eq!(out, expected, "{case:?}, unsigned input: {unsigned}");
     }
 
     #[test]
     fn a_wide_depthwise_convolution_matches_the_direct_sum() {
-        // 59 channels (blocks of 32, 16 and 8, then 3 more), 3x3 kernel, stride 2, SAME padding
-        // (TFLite puts the odd row and column after), weights without zero points as in TFLite.
-        let (h, w_, k, ch) = (7, 6, 3, OUTPUTS);
-        let (oh, pad_y) = QConv::geometry(h, k, 2, 1, true);
-        let (ow, pad_x) = QConv::geometry(w_, k, 2, 1, true);
-        let w = values(ch * k * k, 21, 0, 255);
+        // 59 channels (blocks of 32, 16 and 8, then 3 more), 3x3 kernel, stride 2, SAME padding,
+        // weights without zero points as in TFLite.
+        let case = Geometry {
+            cin: OUTPUTS,
+            stride: 2,
+            h: 7,
+            w: 6,
+            outputs: OUTPUTS,
+            batch: 1,
+            dilation: 1,
+        };
+        let (h, w_, ch) = (case.h, case.w, case.cin);
+        let w = values(ch * 9, 21, 0, 255);
         let bias = values(ch, 22, -5000, 5000);
         let raw: Vec<u8> = w.iter().map(|&v| v as u8).collect();
-        let weights = Tensor::from_shape(&[ch, k * k], &raw).unwrap();
+        let weights = Tensor::from_shape(&[ch, 9], &raw).unwrap();
         let channels = Channels::new(
             &weights,
             Some(&tensor1(&bias)),
@@ -2329,48 +2357,27 @@ mod tests {
             0.3,
         )
         .unwrap();
-        let conv = QConv {
-            channels,
-            output: u8_output(),
-            kernel: [k, k],
-            strides: [2, 2],
-            dilations: [1, 1],
-            pad_before: [pad_y, pad_x],
-            out_hw: [oh, ow],
-            groups: ch,
-            in_channels: ch,
-        };
+        let conv = same_conv(channels, u8_output(), case, ch);
+        assert_eq!(conv.out_hw, [4, 3]);
         // The same bytes as uint8 and as int8 codes (values -128..=127), both read in place.
         let x = input(h * w_ * ch, 23);
         let signed: Vec<i8> = x.iter().map(|&v| v as i8).collect();
-        let expected = |value: &dyn Fn(usize) -> i32| {
-            let mut expected = Vec::new();
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    for c in 0..ch {
-                        let mut acc = bias[c];
-                        for ky in 0..k {
-                            for kx in 0..k {
-                                let iy = (oy * 2 + ky) as isize - pad_y as isize;
-                                let ix = (ox * 2 + kx) as isize - pad_x as isize;
-                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= w_ as isize {
-                                    continue;
-                                }
-                                let xv = value((iy as usize * w_ + ix as usize) * ch + c);
-                                acc += (xv - X_ZP) * w[c * k * k + ky * k + kx];
-                            }
-                        }
-                        expected.push(reference_output(acc, 0.5 * 0.01 / 0.3, 120));
-                    }
-                }
-            }
-            expected
+        let expected = |x: Vec<i32>| -> Vec<u8> {
+            direct_conv(&conv, case, (&x, X_ZP), (&w, &[]), &bias)
+                .into_iter()
+                .map(|acc| reference_output(acc, 0.5 * 0.01 / 0.3, 120))
+                .collect()
         };
-        assert_eq!((oh, ow), (4, 3));
         let unsigned = eval_on(&conv, &[1, h, w_, ch], &x);
-        assert_eq!(unsigned, expected(&|i| i32::from(x[i])));
+        assert_eq!(
+            unsigned,
+            expected(x.iter().map(|&v| i32::from(v)).collect())
+        );
         let out = eval_on(&conv, &[1, h, w_, ch], &signed);
-        assert_eq!(out, expected(&|i| i32::from(signed[i])));
+        assert_eq!(
+            out,
+            expected(signed.iter().map(|&v| i32::from(v)).collect())
+        );
     }
 
     #[test]

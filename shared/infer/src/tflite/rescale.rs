@@ -12,6 +12,7 @@
 //! pass applies both mappings per element, each still rounding and saturating as its own
 //! operator would.
 
+use crate::qkernels::Narrow;
 use multiversion::multiversion;
 use tract_core::internal::*;
 
@@ -315,31 +316,6 @@ impl TypedOp for Rescale {
     as_op!();
 }
 
-/// An 8-bit storage type: its range, and an integer in that range stored as it.
-trait Code: Copy {
-    const MIN: f32;
-    const MAX: f32;
-    fn from_i32(value: i32) -> Self;
-}
-
-impl Code for i8 {
-    const MIN: f32 = -128.0;
-    const MAX: f32 = 127.0;
-    #[inline(always)]
-    fn from_i32(value: i32) -> Self {
-        value as i8
-    }
-}
-
-impl Code for u8 {
-    const MIN: f32 = 0.0;
-    const MAX: f32 = 255.0;
-    #[inline(always)]
-    fn from_i32(value: i32) -> Self {
-        value as u8
-    }
-}
-
 /// One step from real numbers to 8 bits (a model's input QUANTIZE: a whole image), exactly as
 /// [`Rescale::encode`] computes it, as a plain slice loop compiled for AVX2 and SSE4.1 too and
 /// chosen at run time. The general loop of [`Rescale::write`] is compiled for the baseline
@@ -347,8 +323,9 @@ impl Code for u8 {
 /// 70 µs there, as long as a convolution layer. Here `trunc` is one instruction, and the value is
 /// made finite and in range before the cast, so that no saturating conversion is needed.
 #[multiversion(targets("x86_64+avx2", "x86_64+sse4.1"))]
-fn quantize<T: Code>(op: &Rescale, x: &[f32], out: &mut [T]) {
+fn quantize<T: Narrow>(op: &Rescale, x: &[f32], out: &mut [T]) {
     let (zero_point, scale) = op.to.map_or((0.0, 1.0), |q| (q.zero_point as f32, q.scale));
+    let (min, max) = (T::MIN as f32, T::MAX as f32);
     for (o, &v) in out.iter_mut().zip(x) {
         let scaled = op.real(v) / scale;
         let truncated = scaled.trunc();
@@ -358,17 +335,17 @@ fn quantize<T: Code>(op: &Rescale, x: &[f32], out: &mut [T]) {
         } else {
             0.0
         };
-        let q = (truncated + away + zero_point).clamp(T::MIN, T::MAX);
+        let q = (truncated + away + zero_point).clamp(min, max);
         // NaN is stored as the zero point, as `round_half_away_from_zero` makes it.
         let q = if q.is_nan() {
-            zero_point.clamp(T::MIN, T::MAX)
+            zero_point.clamp(min, max)
         } else {
             q
         };
         // SAFETY: `q` is finite and within `T`'s range, so within `i32`'s.
         #[allow(unsafe_code)]
         let q: i32 = unsafe { q.to_int_unchecked() };
-        *o = T::from_i32(q);
+        *o = T::narrow(q);
     }
 }
 
@@ -490,17 +467,8 @@ mod tests {
 
     #[test]
     fn the_vectorized_quantize_stores_what_every_step_computes() {
-        let mut xs = vec![
-            0.0f32,
-            -0.0,
-            0.5,
-            -0.5,
-            1.5,
-            -1.5,
-            2.5,
-            -2.5,
-            0.49999997,
-            -0.49999997,
+        let mut xs = TIES_AND_EDGES.to_vec();
+        xs.extend([
             1e-40,
             8_388_607.5,
             f32::MAX,
@@ -509,7 +477,7 @@ mod tests {
             f32::NEG_INFINITY,
             f32::NAN,
             -f32::NAN,
-        ];
+        ]);
         // Ties and near-ties of the scale below, and a sweep of ordinary values.
         xs.extend((-600..600).map(|i| i as f32 * 0.0625 + 0.03125));
         for (out, zero_point) in [(DatumType::I8, -3), (DatumType::U8, 131)] {
@@ -571,28 +539,24 @@ mod tests {
         assert_eq!(out, tensor1(&[-128i8, -120, -104]));
     }
 
+    /// Exact halves either side of zero, signed zeros, and the largest `f32` below one half.
+    const TIES_AND_EDGES: [f32; 10] = [
+        0.0,
+        -0.0,
+        0.5,
+        -0.5,
+        1.5,
+        -1.5,
+        2.5,
+        -2.5,
+        0.49999997,
+        -0.49999997,
+    ];
+
     #[test]
     fn rounding_matches_the_standard_library_on_ties_and_edges() {
-        let mut cases = vec![
-            0.0f32,
-            -0.0,
-            0.5,
-            -0.5,
-            1.5,
-            -1.5,
-            2.5,
-            -2.5,
-            0.49999997,
-            -0.49999997,
-            126.5,
-            -128.5,
-            8388607.5,
-            8388608.0,
-            1e9,
-            -1e9,
-            3e9,
-            -3e9,
-        ];
+        let mut cases = TIES_AND_EDGES.to_vec();
+        cases.extend([126.5, -128.5, 8388607.5, 8388608.0, 1e9, -1e9, 3e9, -3e9]);
         cases.extend((-2000..2000).map(|i| i as f32 * 0.25 + 0.125 * (i % 3) as f32));
         for x in cases {
             let expected = x.round().clamp(-2_147_483_648.0, 2_147_483_520.0);
