@@ -89,9 +89,9 @@ impl Multiplier {
 /// multiplier, or ONNX Runtime's `f32` scale rounded half to even (`MlasRequantizeOutput`), each
 /// bit-exact with its runtime.
 ///
-/// Kept as plain arrays, not one enum per channel, so that [`Requantization::apply`] is a
-/// straight loop the compiler vectorizes (on AVX2: `vpmuldq` for the 64-bit products, `vpsllvd` /
-/// `vpsravd` for the per-channel shifts). Per channel and in scalar `i64`, it had become a large
+/// Kept as plain arrays, not one enum per channel, so that [`Requantization::store_rows`] is a
+/// straight loop the compiler vectorizes (`vpmuldq` for the 64-bit products, `vpsllvd` /
+/// `vpsravd` for the per-channel shifts), fused with the clamp and the narrowing store. Per channel and in scalar `i64`, it had become a large
 /// share of a convolution model's time once the products themselves were vectorized.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum Requantization {
@@ -121,7 +121,8 @@ impl Requantization {
         let (mut multiplier, mut left, mut right) = (Vec::new(), Vec::new(), Vec::new());
         for m in multipliers {
             multiplier.push(m.multiplier);
-            left.push(m.shift.max(0) as u32);
+            // At most 31, where every way of shifting agrees (the result overflows anyway).
+            left.push(m.shift.clamp(0, 31) as u32);
             right.push((-m.shift).max(0) as u32);
         }
         Requantization::FixedPoint {
@@ -135,43 +136,69 @@ impl Requantization {
         Requantization::Float(tiled(scales.map(f32::to_bits).collect()))
     }
 
-    /// Requantizes whole rows of every channel (`values.len()` a multiple of the channel count),
-    /// a tile at a time.
-    #[inline(always)]
-    fn apply_rows(&self, values: &mut [i32], zero_point: i32) {
-        let tile = match self {
-            Requantization::FixedPoint { multiplier, .. } => multiplier.len(),
-            Requantization::Float(bits) => bits.len(),
-        };
-        if tile == 0 {
-            return; // No channels, so no values.
-        }
-        for chunk in values.chunks_mut(tile) {
-            self.apply(chunk, zero_point);
-        }
-    }
-
-    /// `acc[o]` requantized by channel `o`'s multiplier, plus `zero_point`.
-    #[inline(always)]
-    fn apply(&self, acc: &mut [i32], zero_point: i32) {
+    /// Requantizes `acc` (whole rows of every channel: `acc.len()` a multiple of the channel
+    /// count), adds `zero_point`, clamps to `min..=max` (within `T`'s range) and stores the
+    /// results as `T` in `out`: one pass over a layer's accumulators, a tile at a time.
+    fn store_rows<T: Narrow>(&self, acc: &[i32], out: &mut [T], zero_point: i32, range: [i32; 2]) {
         match self {
             Requantization::FixedPoint {
                 multiplier,
                 left,
                 right,
             } => {
-                for (((a, &m), &l), &r) in acc.iter_mut().zip(multiplier).zip(left).zip(right) {
-                    *a =
-                        rounding_divide_by_pot(rounding_doubling_high_mul(a.wrapping_shl(l), m), r)
-                            + zero_point;
+                let channels = (&multiplier[..], &left[..], &right[..]);
+                #[cfg(target_arch = "x86_64")]
+                if avx512() {
+                    // SAFETY: AVX-512F, BW and VL are available (checked just above).
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        avx512::store_fixed_point(acc, out, channels, zero_point, range)
+                    };
+                    return;
                 }
+                store_fixed_point(acc, out, channels, zero_point, range)
             }
-            // Saturating: far out of range either way, and clamped to the output type after.
-            Requantization::Float(bits) => {
-                for (a, &s) in acc.iter_mut().zip(bits) {
-                    *a = ((*a as f32) * f32::from_bits(s)).round_ties_even() as i32 + zero_point;
-                }
-            }
+            Requantization::Float(bits) => store_float(acc, out, bits, zero_point, range),
+        }
+    }
+}
+
+/// [`Requantization::store_rows`] with TFLite's fixed-point multipliers (per channel, tiled:
+/// multiplier, left shift, right shift). Compiled for AVX2 and SSE4.1 too, chosen at run time:
+/// every convolution's and fully-connected layer's whole output passes through here. (With
+/// AVX-512, [`avx512::store_fixed_point`] instead.)
+fn store_fixed_point<T: Narrow>(
+    acc: &[i32],
+    out: &mut [T],
+    (multiplier, left, right): (&[i32], &[u32], &[u32]),
+    zero_point: i32,
+    [min, max]: [i32; 2],
+) {
+    let tile = multiplier.len();
+    for (acc, out) in acc.chunks(tile).zip(out.chunks_mut(tile)) {
+        let channels = multiplier.iter().zip(left).zip(right);
+        for ((o, &a), ((&m, &l), &r)) in out.iter_mut().zip(acc).zip(channels) {
+            let y = rounding_divide_by_pot(rounding_doubling_high_mul(a.wrapping_shl(l), m), r);
+            *o = T::narrow(y.wrapping_add(zero_point).clamp(min, max));
+        }
+    }
+}
+
+/// [`Requantization::store_rows`] with ONNX Runtime's `f32` scales (their bits, tiled), rounded
+/// half to even.
+#[multiversion(targets("x86_64+avx2", "x86_64+sse4.1"))]
+fn store_float<T: Narrow>(
+    acc: &[i32],
+    out: &mut [T],
+    bits: &[u32],
+    zero_point: i32,
+    [min, max]: [i32; 2],
+) {
+    for (acc, out) in acc.chunks(bits.len()).zip(out.chunks_mut(bits.len())) {
+        for ((o, &a), &s) in out.iter_mut().zip(acc).zip(bits) {
+            // Saturating cast: far out of range either way, and clamped just after.
+            let y = ((a as f32) * f32::from_bits(s)).round_ties_even() as i32;
+            *o = T::narrow(y.wrapping_add(zero_point).clamp(min, max));
         }
     }
 }
@@ -207,25 +234,45 @@ pub(crate) struct IntOutput {
 }
 
 impl IntOutput {
-    /// Clamps `values` and stores them as the output type, allocating only the output tensor.
-    fn store(&self, values: &[i32], shape: &[usize]) -> TractResult<Tensor> {
+    /// Clamps `values` and stores them as the output type, allocating only the output tensor;
+    /// with `requantization`, `values` are accumulators (whole rows of its channels), requantized
+    /// and offset by the zero point in the same pass.
+    fn store(
+        &self,
+        values: &[i32],
+        shape: &[usize],
+        requantization: Option<&Requantization>,
+    ) -> TractResult<Tensor> {
         let mut out = Tensor::zero_dt(self.dt, shape)?;
         ensure!(
             out.len() == values.len(),
             "{} values for an output of shape {shape:?}",
             values.len()
         );
-        let (min, max) = (self.min, self.max);
         {
             let mut view = out.try_as_plain_ram_mut()?;
             match self.dt {
-                DatumType::I8 => narrow(values, view.as_slice_mut::<i8>()?, min, max),
-                DatumType::U8 => narrow(values, view.as_slice_mut::<u8>()?, min, max),
-                DatumType::I16 => narrow(values, view.as_slice_mut::<i16>()?, min, max),
+                DatumType::I8 => self.write(values, view.as_slice_mut::<i8>()?, requantization),
+                DatumType::U8 => self.write(values, view.as_slice_mut::<u8>()?, requantization),
+                DatumType::I16 => self.write(values, view.as_slice_mut::<i16>()?, requantization),
                 dt => bail!("unsupported integer output {dt:?}"),
             }
         }
         Ok(out)
+    }
+
+    /// [`IntOutput::store`] into a slice of the output type.
+    fn write<T: Narrow>(
+        &self,
+        values: &[i32],
+        out: &mut [T],
+        requantization: Option<&Requantization>,
+    ) {
+        let range = [self.min, self.max];
+        match requantization {
+            Some(r) => r.store_rows(values, out, self.zero_point, range),
+            None => narrow(values, out, range),
+        }
     }
 }
 
@@ -266,7 +313,7 @@ impl Narrow for i16 {
 /// `values` clamped to `min..=max` (within `T`'s range) into `out`. Compiled for AVX2 and SSE4.1
 /// too, chosen at run time: every layer's whole output passes through here.
 #[multiversion(targets("x86_64+avx2", "x86_64+sse4.1"))]
-fn narrow<T: Narrow>(values: &[i32], out: &mut [T], min: i32, max: i32) {
+fn narrow<T: Narrow>(values: &[i32], out: &mut [T], [min, max]: [i32; 2]) {
     for (o, &v) in out.iter_mut().zip(values) {
         *o = T::narrow(v.clamp(min, max));
     }
@@ -316,7 +363,7 @@ pub(crate) struct Channels {
     /// padded with 0): the layout of AVX-512 VNNI's `vpdpbusd`, which multiplies four unsigned
     /// input bytes by four signed weights and adds all four products in one instruction. Built
     /// only on CPUs with it, for weights whose values fit `i8`, without zero points, and whole
-    /// blocks of 16 outputs.
+    /// blocks of 8 outputs.
     weight_quads: Vec<i8>,
     /// `sum_k w[k][o]`: the inputs `vpdpbusd` reads are `x - x_zp + offset`, unsigned, and
     /// `offset * column_sums[o]` taken from the bias makes up for the offset.
@@ -384,7 +431,7 @@ impl Channels {
         let fits_i8 = raw.iter().all(|&v| i8::try_from(v).is_ok());
         let no_weight_zero_points = (0..outputs).all(|o| pick_zp(o) == 0);
         let (mut weight_quads, mut column_sums) = (Vec::new(), Vec::new());
-        if vnni() && fits_i8 && no_weight_zero_points && outputs.is_multiple_of(16) {
+        if vnni() && fits_i8 && no_weight_zero_points && outputs.is_multiple_of(8) {
             weight_quads = vec![0i8; depth.div_ceil(4) * outputs * 4];
             column_sums = vec![0i32; outputs];
             for o in 0..outputs {
@@ -657,15 +704,15 @@ impl Channels {
         }
     }
 
-    /// Turns accumulators (bias included) into outputs with zero point, not yet clamped.
+    /// Subtracts what the weight zero points, if any, added to a pixel's accumulators (its
+    /// inputs summed to `sum_xs`, centered).
     #[inline(always)]
-    fn finish(&self, acc: &mut [i32], sum_xs: i32, zero_point: i32) {
+    fn correct_zero_points(&self, acc: &mut [i32], sum_xs: i32) {
         if let Some(wz) = &self.weight_zero_points {
             for (a, &z) in acc.iter_mut().zip(wz) {
                 *a -= z * sum_xs;
             }
         }
-        self.requantization.apply(acc, zero_point);
     }
 }
 
@@ -702,20 +749,20 @@ impl EvalOp for QFullyConnected {
             c.depth
         );
         let rows = input.len() / c.depth;
-        let zp = self.output.zero_point;
         // The raw values are read in place: this layer is often a whole model's only real work,
         // and on small models an extra copy of the input costs as much as the products.
         let bytes = input.as_bytes();
         let dt = input.datum_type().unquantized();
         let offset = c.quad_offset(dt);
         let out = match dt {
-            DatumType::I8 => fully_connected(c, bytemuck_i8(bytes), rows, zp, offset),
-            DatumType::U8 => fully_connected(c, bytes, rows, zp, offset),
-            _ => fully_connected(c, &widen(input)?, rows, zp, offset),
+            DatumType::I8 => fully_connected(c, bytemuck_i8(bytes), rows, offset),
+            DatumType::U8 => fully_connected(c, bytes, rows, offset),
+            _ => fully_connected(c, &widen(input)?, rows, offset),
         };
-        Ok(tvec!(
-            self.output.store(&out, &[rows, c.outputs])?.into_tvalue()
-        ))
+        let out = self
+            .output
+            .store(&out, &[rows, c.outputs], Some(&c.requantization))?;
+        Ok(tvec!(out.into_tvalue()))
     }
 }
 
@@ -736,7 +783,6 @@ fn fully_connected<T: Copy + Into<i32>>(
     c: &Channels,
     x: &[T],
     rows: usize,
-    zero_point: i32,
     offset: i32,
 ) -> Vec<i32> {
     if c.packing::<T>(offset) == Some(Packing::Quads) {
@@ -753,7 +799,6 @@ fn fully_connected<T: Copy + Into<i32>>(
             let acc = &mut out[r * c.outputs..];
             r += c.accumulate_pixels(Packing::Quads, acc, &segments, words, &packed, rows - r);
         }
-        c.requantization.apply_rows(&mut out, zero_point);
         return out;
     }
     let mut out = Vec::with_capacity(rows * c.outputs);
@@ -769,7 +814,7 @@ fn fully_connected<T: Copy + Into<i32>>(
         }
         let packed = [(0, &pairs[..])];
         let sum = c.accumulate(acc, &[(0, row)], &packed[..usize::from(paired)]);
-        c.finish(acc, sum, zero_point);
+        c.correct_zero_points(acc, sum);
     }
     out
 }
@@ -863,6 +908,127 @@ impl QConv {
         padded
     }
 
+    /// [`depthwise`] on AVX-512 ([`avx512::depthwise`]): the input padded with its zero point
+    /// as raw bytes (a quarter of the centered `i32` copy), and every register requantized and
+    /// stored as the output's bytes once its taps are summed, so no accumulator goes to memory.
+    /// `None` where that does not apply: a CPU without AVX-512, other than 8-bit input and
+    /// output, ONNX's float requantization, or a zero point outside the input's type.
+    #[cfg(target_arch = "x86_64")]
+    fn depthwise_avx512(
+        &self,
+        input: &Tensor,
+        [n, h, w]: [usize; 3],
+    ) -> TractResult<Option<Tensor>> {
+        let c = &self.channels;
+        let Requantization::FixedPoint {
+            multiplier,
+            left,
+            right,
+        } = &c.requantization
+        else {
+            return Ok(None);
+        };
+        let zp = c.x_zero_point;
+        let (signed, padding) = match input.datum_type().unquantized() {
+            DatumType::I8 => (true, i8::try_from(zp).ok().map(|v| v as u8)),
+            DatumType::U8 => (false, u8::try_from(zp).ok()),
+            _ => return Ok(None),
+        };
+        let output_bytes = matches!(self.output.dt, DatumType::I8 | DatumType::U8);
+        let small = self.kernel[0] * self.kernel[1] <= avx512::MAX_TAPS;
+        let (Some(padding), true, true, true) = (padding, output_bytes, small, avx512()) else {
+            return Ok(None);
+        };
+        let ch = self.in_channels;
+        let [kh, kw] = self.kernel;
+        let [oh, ow] = self.out_hw;
+        let [sy, sx] = self.strides;
+        let [dy, dx] = self.dilations;
+        let [pad_y, pad_x] = self.pad_before;
+        let (hp, wp) = self.padded_size(h, w);
+        let x = input.as_bytes();
+        let mut padded = vec![padding; n * hp * wp * ch];
+        for b in 0..n {
+            for y in 0..h {
+                let from = (b * h + y) * w * ch;
+                let to = ((b * hp + y + pad_y) * wp + pad_x) * ch;
+                padded[to..to + w * ch].copy_from_slice(&x[from..from + w * ch]);
+            }
+        }
+        let taps: Vec<usize> = (0..kh)
+            .flat_map(|ky| (0..kw).map(move |kx| (ky * dy * wp + kx * dx) * ch))
+            .collect();
+        // Σ (x - zp)·w = Σ x·w - zp·Σ w: the zero point's share comes off the bias once. Wrapping,
+        // as the accumulators wrap alike and the true result fits.
+        let bias: Vec<i32> = (0..ch)
+            .map(|o| {
+                let sum =
+                    (0..taps.len()).fold(0i32, |s, k| s.wrapping_add(c.weights_t[k * ch + o]));
+                c.bias[o].wrapping_sub(zp.wrapping_mul(sum))
+            })
+            .collect();
+        let bases: Vec<usize> = (0..n)
+            .flat_map(|b| {
+                (0..oh).flat_map(move |oy| {
+                    (0..ow).map(move |ox| ((b * hp + oy * sy) * wp + ox * sx) * ch)
+                })
+            })
+            .collect();
+        let layer = avx512::Depthwise {
+            padded: &padded,
+            bases: &bases,
+            taps: &taps,
+            channels: ch,
+            weights: &c.weights_t,
+            bias: &bias,
+            tiles: (multiplier, left, right),
+            output: [self.output.zero_point, self.output.min, self.output.max],
+        };
+        let mut out = Tensor::zero_dt(self.output.dt, &[n, oh, ow, ch])?;
+        {
+            let mut view = out.try_as_plain_ram_mut()?;
+            #[allow(unsafe_code)]
+            // SAFETY: AVX-512F, BW and VL are available (checked by `avx512()` above).
+            unsafe {
+                match (signed, self.output.dt) {
+                    (true, DatumType::I8) => layer.run::<true, i8>(view.as_slice_mut()?),
+                    (true, _) => layer.run::<true, u8>(view.as_slice_mut()?),
+                    (false, DatumType::I8) => layer.run::<false, i8>(view.as_slice_mut()?),
+                    (false, _) => layer.run::<false, u8>(view.as_slice_mut()?),
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// The input as the bytes of [`Packing::Quads`] (`x - x_zero_point + offset`), in
+    /// [`QConv::padded_size`] with the padding as centered zeros (`offset`).
+    #[inline(always)]
+    fn padded_bytes<T: Copy + Into<i32>>(
+        &self,
+        x: &[T],
+        n: usize,
+        h: usize,
+        w: usize,
+        offset: i32,
+    ) -> Vec<u8> {
+        let (hp, wp) = self.padded_size(h, w);
+        let [pad_y, pad_x] = self.pad_before;
+        let ch = self.in_channels;
+        let shift = offset - self.channels.x_zero_point;
+        let mut padded = vec![offset as u8; n * hp * wp * ch];
+        for b in 0..n {
+            for y in 0..h {
+                let from = (b * h + y) * w * ch;
+                let to = ((b * hp + y + pad_y) * wp + pad_x) * ch;
+                for (p, &v) in padded[to..to + w * ch].iter_mut().zip(&x[from..]) {
+                    *p = (v.into() + shift) as u8;
+                }
+            }
+        }
+        padded
+    }
+
     /// The input position a kernel tap reads for an output position, if inside the input.
     #[inline]
     fn source(&self, axis: usize, out: usize, tap: usize, size: usize) -> Option<usize> {
@@ -924,8 +1090,6 @@ fn depthwise<T: Copy + Into<i32>>(conv: &QConv, x: &[T], n: usize, h: usize, w: 
             }
         }
         // Weight zero points are zero in int8 depthwise models (checked at load).
-        c.requantization
-            .apply_rows(&mut out, conv.output.zero_point);
         out
     }
 }
@@ -1030,7 +1194,6 @@ fn grouped<T: Copy + Into<i32>>(conv: &QConv, x: &[T], n: usize, h: usize, w: us
                             *a -= wz[o] * sums[o / per_group_out];
                         }
                     }
-                    c.requantization.apply(&mut acc, this.output.zero_point);
                     out.extend_from_slice(&acc);
                 }
             }
@@ -1161,6 +1324,37 @@ fn paired_conv<T: Copy + Into<i32>>(
                 }
             }
             image
+        } else if packing == Packing::Quads {
+            // A quadruple's bytes are the input's own bytes transformed (`x - x_zp + offset`), so
+            // each pixel's receptive field is gathered as bytes, one run of `kw * cin` per kernel
+            // row without dilation, from an image padded with centered zeros (`offset`); its
+            // last word is filled out with them too.
+            let image = conv.padded_bytes(x, n, h, w, offset);
+            let zero = offset as u8;
+            let mut bytes = vec![zero; n * oh * ow * words * 4];
+            let mut fields = bytes.chunks_exact_mut(words * 4);
+            for b in 0..n {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let field = fields.next().expect("one field per output pixel");
+                        for ky in 0..kh {
+                            let from = ((b * hp + oy * sy + ky * dy) * wp + ox * sx) * cin;
+                            let to = &mut field[ky * kw * cin..(ky + 1) * kw * cin];
+                            if dx == 1 {
+                                to.copy_from_slice(&image[from..from + kw * cin]);
+                            } else {
+                                for (kx, to) in to.chunks_exact_mut(cin).enumerate() {
+                                    to.copy_from_slice(&image[from + kx * dx * cin..][..cin]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let quads = bytes.chunks_exact(4);
+            quads
+                .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()
         } else {
             let padded = conv.centered_padded(x, n, h, w);
             // Each output pixel's receptive field (one run of `kw * cin` values per kernel row
@@ -1215,8 +1409,6 @@ fn paired_conv<T: Copy + Into<i32>>(
                 }
             }
         }
-        c.requantization
-            .apply_rows(&mut out, conv.output.zero_point);
         out
     }
 }
@@ -1243,6 +1435,10 @@ impl EvalOp for QConv {
             && self.channels.outputs == self.in_channels
             && self.channels.weight_zero_points.is_none();
         let input = &inputs[0];
+        #[cfg(target_arch = "x86_64")]
+        if channel_wise && let Some(out) = self.depthwise_avx512(input, [n, h, w])? {
+            return Ok(tvec!(out.into_tvalue()));
+        }
         let dt = input.datum_type().unquantized();
         let offset = self.channels.quad_offset(dt);
         let packing = match dt {
@@ -1268,11 +1464,9 @@ impl EvalOp for QConv {
             (false, _, _) => grouped(self, &widen(input)?, n, h, w),
         };
         let [oh, ow] = self.out_hw;
-        Ok(tvec!(
-            self.output
-                .store(&out, &[n, oh, ow, self.channels.outputs])?
-                .into_tvalue()
-        ))
+        let shape = [n, oh, ow, self.channels.outputs];
+        let out = (self.output).store(&out, &shape, Some(&self.channels.requantization))?;
+        Ok(tvec!(out.into_tvalue()))
     }
 }
 
@@ -1418,7 +1612,9 @@ impl EvalOp for QAdd {
                 (DatumType::I8, _) => add(self, bytemuck_i8(xa), xb),
                 _ => add(self, xa, bytemuck_i8(xb)),
             };
-            return Ok(tvec!(self.output.store(&values, a.shape())?.into_tvalue()));
+            return Ok(tvec!(
+                self.output.store(&values, a.shape(), None)?.into_tvalue()
+            ));
         }
         let (xa, xb) = broadcast_pair(a, b)?;
         let shape = xa.shape().to_vec();
@@ -1427,7 +1623,9 @@ impl EvalOp for QAdd {
             xa.as_slice().context("broadcast operand")?,
             xb.as_slice().context("broadcast operand")?,
         );
-        Ok(tvec!(self.output.store(&values, &shape)?.into_tvalue()))
+        Ok(tvec!(
+            self.output.store(&values, &shape, None)?.into_tvalue()
+        ))
     }
 }
 
@@ -1484,7 +1682,9 @@ impl EvalOp for QMul {
                     + self.output.zero_point
             })
             .collect::<Vec<_>>();
-        Ok(tvec!(self.output.store(&values, &shape)?.into_tvalue()))
+        Ok(tvec!(
+            self.output.store(&values, &shape, None)?.into_tvalue()
+        ))
     }
 }
 
@@ -1508,6 +1708,16 @@ fn avx2() -> bool {
     false
 }
 
+/// Whether this CPU has the AVX-512 foundation, byte/word and vector-length instructions (checked
+/// once, then cached by the standard library).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+}
+
 /// Whether this CPU has AVX-512 VNNI (with the AVX-512 foundation and byte/word instructions it
 /// needs), checked once, then cached by the standard library.
 #[inline(always)]
@@ -1527,13 +1737,293 @@ fn vnni() -> bool {
 /// instruction over 16 outputs, where AVX2's `vpmaddwd` takes two rows over 8 outputs. XNNPACK
 /// (LiteRT's CPU kernels) uses it where the CPU has it; with AVX2 pairs alone, the MLPerf Tiny
 /// convolution models took 2.5–3.8× LiteRT's time on such a CPU (2026-11-24).
+/// Requantization on AVX-512, 16 channels per register, written with intrinsics: compiled from
+/// the portable loop, the narrowing store became `vpmovdb` to memory, which on this project's
+/// AMD EPYC VM made the whole pass cost as much as a model's products (2026-11-24, `perf
+/// annotate`); here values narrow in registers and are stored 64 bytes at a time.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::Narrow;
+    use std::arch::x86_64::*;
+
+    /// [`super::store_fixed_point`] on AVX-512: the same arithmetic, bit for bit.
+    #[allow(unsafe_code)]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn store_fixed_point<T: Narrow>(
+        acc: &[i32],
+        out: &mut [T],
+        (multiplier, left, right): (&[i32], &[u32], &[u32]),
+        zero_point: i32,
+        [min, max]: [i32; 2],
+    ) {
+        let tile = multiplier.len();
+        let constants = Constants::new(zero_point, [min, max]);
+        for (acc, out) in acc.chunks(tile).zip(out.chunks_mut(tile)) {
+            let whole = acc.len() - acc.len() % 16;
+            // Values `i..i + 16`, requantized.
+            let requantized = |i: usize| {
+                let load = |v: &[i32]| {
+                    let lanes: &[i32; 16] = v[i..i + 16].try_into().expect("16 lanes");
+                    // SAFETY: `lanes` is 16 readable i32, 64 bytes; unaligned load.
+                    unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) }
+                };
+                let as_i32 = |v: &[u32]| {
+                    let lanes: &[u32; 16] = v[i..i + 16].try_into().expect("16 lanes");
+                    // SAFETY: as above.
+                    unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) }
+                };
+                let (m, l, r) = (load(multiplier), as_i32(left), as_i32(right));
+                requantize(load(acc), m, l, r, &constants)
+            };
+            let mut i = 0;
+            while whole - i >= 64 {
+                let y = [0, 16, 32, 48].map(|j| requantized(i + j));
+                store_64::<T>(&mut out[i..i + 64], y);
+                i += 64;
+            }
+            while i < whole {
+                store_16::<T>(&mut out[i..i + 16], requantized(i));
+                i += 16;
+            }
+            // The tile's last channels, fewer than 16 (only where it is not a multiple of 16).
+            let rest = (acc[whole..].iter().zip(&mut out[whole..]))
+                .zip((multiplier[whole..].iter().zip(&left[whole..])).zip(&right[whole..]));
+            for ((&a, o), ((&m, &l), &r)) in rest {
+                let y = super::rounding_divide_by_pot(
+                    super::rounding_doubling_high_mul(a.wrapping_shl(l), m),
+                    r,
+                );
+                *o = T::narrow(y.wrapping_add(zero_point).clamp(min, max));
+            }
+        }
+    }
+
+    /// The output encoding's constants, one per lane.
+    pub(super) struct Constants {
+        zero_point: __m512i,
+        min: __m512i,
+        max: __m512i,
+    }
+
+    impl Constants {
+        /// The output's zero point and clamp range.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        pub(super) fn new(zero_point: i32, [min, max]: [i32; 2]) -> Self {
+            Constants {
+                zero_point: _mm512_set1_epi32(zero_point),
+                min: _mm512_set1_epi32(min),
+                max: _mm512_set1_epi32(max),
+            }
+        }
+    }
+
+    /// The lanes of channels `c..c + 16` that exist where a layer has `channels`.
+    #[inline(always)]
+    fn lanes(c: usize, channels: usize) -> (__mmask16, usize) {
+        let len = (channels - c).min(16);
+        (((1u32 << len) - 1) as __mmask16, len)
+    }
+
+    /// `len` (at most 16) `i32` of `values` from `at`, the other lanes 0.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn load_i32(values: &[i32], at: usize, (mask, len): (__mmask16, usize)) -> __m512i {
+        let lanes = &values[at..at + len];
+        // SAFETY: `lanes` is `len` readable i32, and `mask` selects the first `len` lanes only
+        // (masked-off lanes are not read and cannot fault).
+        #[allow(unsafe_code)]
+        unsafe {
+            _mm512_maskz_loadu_epi32(mask, lanes.as_ptr())
+        }
+    }
+
+    /// A depthwise convolution with multiplier 1 over an 8-bit input padded with its own zero
+    /// point, for [`Depthwise::run`].
+    pub(super) struct Depthwise<'a> {
+        /// The padded input's raw bytes.
+        pub padded: &'a [u8],
+        /// Each output pixel's first input.
+        pub bases: &'a [usize],
+        /// The taps' offsets from a pixel's first input (at most [`MAX_TAPS`]).
+        pub taps: &'a [usize],
+        pub channels: usize,
+        /// `[taps][channels]`.
+        pub weights: &'a [i32],
+        /// The bias, less `x_zp · Σ_k w[k][c]`: that makes up for the input's not being centered.
+        pub bias: &'a [i32],
+        /// [`super::Requantization::FixedPoint`]'s multipliers, left and right shifts.
+        pub tiles: (&'a [i32], &'a [u32], &'a [u32]),
+        /// The output's zero point, minimum and maximum.
+        pub output: [i32; 3],
+    }
+
+    impl Depthwise<'_> {
+        /// The layer, requantized in registers and stored as bytes in `out` (`[pixels][channels]`;
+        /// the input sign-extended where `SIGNED`). Channels go 16 per register (the last block
+        /// masked), and each block runs over every pixel with its weights, bias and multipliers
+        /// held in registers.
+        #[allow(unsafe_code)]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        pub(super) unsafe fn run<const SIGNED: bool, T: Narrow>(&self, out: &mut [T]) {
+            let (channels, taps) = (self.channels, self.taps);
+            assert_eq!(size_of::<T>(), 1, "8-bit outputs");
+            assert!(taps.len() <= MAX_TAPS, "at most {MAX_TAPS} taps");
+            assert_eq!(out.len(), self.bases.len() * channels, "one row per pixel");
+            let [zero_point, min, max] = self.output;
+            let constants = Constants::new(zero_point, [min, max]);
+            let (multiplier, left, right) = self.tiles;
+            let mut w = [_mm512_setzero_si512(); MAX_TAPS];
+            for c in (0..channels).step_by(16) {
+                let lanes = lanes(c, channels);
+                for (k, w) in w.iter_mut().take(taps.len()).enumerate() {
+                    *w = load_i32(self.weights, k * channels + c, lanes);
+                }
+                let (w, start) = (&w[..taps.len()], load_i32(self.bias, c, lanes));
+                let m = load_i32(multiplier, c, lanes);
+                let l = load_i32(bytemuck_u32(left), c, lanes);
+                let r = load_i32(bytemuck_u32(right), c, lanes);
+                for (p, &base) in self.bases.iter().enumerate() {
+                    let mut acc = start;
+                    for (&tap, &w) in taps.iter().zip(w) {
+                        let at = base + tap + c;
+                        let bytes = &self.padded[at..at + lanes.1];
+                        // SAFETY: `bytes` is as many readable bytes as `lanes` selects.
+                        let x = unsafe { _mm_maskz_loadu_epi8(lanes.0, bytes.as_ptr().cast()) };
+                        let x = if SIGNED {
+                            _mm512_cvtepi8_epi32(x)
+                        } else {
+                            _mm512_cvtepu8_epi32(x)
+                        };
+                        acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(x, w));
+                    }
+                    let y = narrow_bytes(requantize(acc, m, l, r, &constants));
+                    let at = p * channels + c;
+                    let to = &mut out[at..at + lanes.1];
+                    // SAFETY: `to` is as many writable bytes (`T` is one byte) as `lanes` selects.
+                    unsafe { _mm_mask_storeu_epi8(to.as_mut_ptr().cast(), lanes.0, y) };
+                }
+            }
+        }
+    }
+
+    /// The most kernel taps [`Depthwise`] takes (a 5×5 kernel), whose weights it holds in
+    /// registers; larger kernels take the portable path.
+    pub(super) const MAX_TAPS: usize = 25;
+
+    /// Shift counts as the `i32` lanes the shift instructions read (all below 32).
+    #[inline(always)]
+    fn bytemuck_u32(values: &[u32]) -> &[i32] {
+        // SAFETY: u32 and i32 have the same size and alignment, and every bit pattern is valid
+        // for both.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::slice::from_raw_parts(values.as_ptr().cast::<i32>(), values.len())
+        }
+    }
+
+    /// 16 values within `0..=255` or `-128..=127`, as the 16 bytes of a register (two's
+    /// complement for negative ones): by packing, not `vpmovdb`, whose store to memory is the
+    /// slow instruction this module avoids.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn narrow_bytes(y: __m512i) -> __m128i {
+        let y = _mm512_and_si512(y, _mm512_set1_epi32(0xFF));
+        let words = _mm512_packus_epi32(y, y);
+        // Each 128-bit lane now holds its four values' bytes in its first 32 bits (repeated).
+        let bytes = _mm512_packus_epi16(words, words);
+        let first = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+        _mm512_castsi512_si128(_mm512_permutexvar_epi32(first, bytes))
+    }
+
+    /// 16 accumulators requantized ([`super::Multiplier::apply`]), plus the zero point, clamped.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn requantize(
+        acc: __m512i,
+        multiplier: __m512i,
+        left: __m512i,
+        right: __m512i,
+        c: &Constants,
+    ) -> __m512i {
+        let x = _mm512_sllv_epi32(acc, left);
+        // The rounding doubling high multiply, `(x·m + 2^30) >> 31`, on the even lanes and on the
+        // odd ones (moved down) as 64-bit products; the even results are taken from their low
+        // halves, the odd ones from their high halves, after a shift by one instead of 31.
+        let nudge = _mm512_set1_epi64(1 << 30);
+        let even = _mm512_add_epi64(_mm512_mul_epi32(x, multiplier), nudge);
+        let odd = _mm512_mul_epi32(_mm512_srli_epi64(x, 32), _mm512_srli_epi64(multiplier, 32));
+        let odd = _mm512_slli_epi64(_mm512_add_epi64(odd, nudge), 1);
+        let high = _mm512_mask_blend_epi32(0xAAAA, _mm512_srai_epi64(even, 31), odd);
+        // The rounding right shift: ties away from zero.
+        let one = _mm512_set1_epi32(1);
+        let mask = _mm512_sub_epi32(_mm512_sllv_epi32(one, right), one);
+        let remainder = _mm512_and_si512(high, mask);
+        let threshold = _mm512_add_epi32(_mm512_srai_epi32(mask, 1), _mm512_srli_epi32(high, 31));
+        let shifted = _mm512_srav_epi32(high, right);
+        let up = _mm512_cmpgt_epi32_mask(remainder, threshold);
+        let y = _mm512_mask_add_epi32(shifted, up, shifted, one);
+        let y = _mm512_add_epi32(y, c.zero_point);
+        _mm512_max_epi32(_mm512_min_epi32(y, c.max), c.min)
+    }
+
+    /// 64 values already within `T`'s range (four registers), narrowed in registers and stored
+    /// 64 bytes at a time. (A register narrowed and stored alone compiles to `vpmovdb` to memory,
+    /// the slow instruction this module avoids.)
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn store_64<T: Narrow>(out: &mut [T], y: [__m512i; 4]) {
+        assert_eq!(out.len(), 64, "64 outputs");
+        let bytes: *mut __m512i = out.as_mut_ptr().cast();
+        #[allow(unsafe_code)]
+        // SAFETY: `out` is 64 writable `T` of `size_of::<T>()` bytes each, and the stores write
+        // as many bytes (1 × 64 or 2 × 64); unaligned stores.
+        unsafe {
+            match size_of::<T>() {
+                1 => {
+                    let mut v = _mm512_castsi128_si512(_mm512_cvtepi32_epi8(y[0]));
+                    v = _mm512_inserti32x4::<1>(v, _mm512_cvtepi32_epi8(y[1]));
+                    v = _mm512_inserti32x4::<2>(v, _mm512_cvtepi32_epi8(y[2]));
+                    v = _mm512_inserti32x4::<3>(v, _mm512_cvtepi32_epi8(y[3]));
+                    _mm512_storeu_si512(bytes, v);
+                }
+                2 => {
+                    for (k, pair) in y.chunks_exact(2).enumerate() {
+                        let low = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(pair[0]));
+                        let v = _mm512_inserti64x4::<1>(low, _mm512_cvtepi32_epi16(pair[1]));
+                        _mm512_storeu_si512(bytes.add(k), v);
+                    }
+                }
+                _ => unreachable!("outputs are 8- or 16-bit"),
+            }
+        }
+    }
+
+    /// 16 values already within `T`'s range, narrowed and stored.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn store_16<T: Narrow>(out: &mut [T], y: __m512i) {
+        assert_eq!(out.len(), 16, "16 outputs");
+        #[allow(unsafe_code)]
+        // SAFETY: `out` is 16 writable `T` of `size_of::<T>()` bytes each, as many as each store
+        // writes; unaligned stores.
+        unsafe {
+            match size_of::<T>() {
+                1 => _mm_storeu_si128(out.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(y)),
+                2 => _mm256_storeu_si256(out.as_mut_ptr().cast(), _mm512_cvtepi32_epi16(y)),
+                _ => unreachable!("outputs are 8- or 16-bit"),
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use std::arch::x86_64::*;
 
     /// Adds `sum_b x[b] * w[4q + b][o]` to `acc` for `P` pixels (rows of `outputs`, a multiple of
-    /// 16) and every packed input word `x` of quadruple `q` (segments as in
-    /// [`super::Channels::accumulate_pixels`]), in register blocks of 64, 32 and 16 outputs;
+    /// 8) and every packed input word `x` of quadruple `q` (segments as in
+    /// [`super::Channels::accumulate_pixels`]), in register blocks of 64, 32, 16 and 8 outputs;
     /// `weights` is [`super::Channels`]' `weight_quads`.
     #[allow(unsafe_code)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -1547,22 +2037,27 @@ mod vnni {
     ) {
         let mut start = 0;
         while outputs - start >= 64 {
-            block::<4, P>(acc, start, segments, step, input, weights, outputs);
+            block::<4, P, 16>(acc, start, segments, step, input, weights, outputs);
             start += 64;
         }
         if outputs - start >= 32 {
-            block::<2, P>(acc, start, segments, step, input, weights, outputs);
+            block::<2, P, 16>(acc, start, segments, step, input, weights, outputs);
             start += 32;
         }
         if outputs - start >= 16 {
-            block::<1, P>(acc, start, segments, step, input, weights, outputs);
+            block::<1, P, 16>(acc, start, segments, step, input, weights, outputs);
+            start += 16;
+        }
+        if outputs - start >= 8 {
+            block::<1, P, 8>(acc, start, segments, step, input, weights, outputs);
         }
     }
 
-    /// Outputs `start..start + 16 * V` of `P` pixels, in `V * P` of the 32 registers.
+    /// Outputs `start..start + LANES * V` of `P` pixels, in `V * P` of the 32 registers: `LANES`
+    /// is 16, or 8 (the low half of one register, masked) for a last block of 8 outputs.
     #[allow(unsafe_code)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    fn block<const V: usize, const P: usize>(
+    fn block<const V: usize, const P: usize, const LANES: usize>(
         acc: &mut [i32],
         start: usize,
         segments: &[(usize, usize, usize)],
@@ -1571,13 +2066,20 @@ mod vnni {
         weights: &[i8],
         outputs: usize,
     ) {
+        assert!(
+            LANES == 16 || (LANES == 8 && V == 1),
+            "whole or half registers"
+        );
+        // The lanes, and the weight bytes (four per lane), a block reads and writes.
+        let lane_mask = ((1u32 << LANES) - 1) as __mmask16;
+        let byte_mask = u64::MAX >> (64 - 4 * LANES);
         let mut sums = [[_mm512_setzero_si512(); V]; P];
         for (p, pixel) in sums.iter_mut().enumerate() {
             for (j, sum) in pixel.iter_mut().enumerate() {
                 let at = p * outputs + start + 16 * j;
-                let lanes: &[i32; 16] = acc[at..at + 16].try_into().expect("16 lanes");
-                // SAFETY: `lanes` is 16 readable i32, 64 bytes; the load has no alignment need.
-                *sum = unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) };
+                let lanes = &acc[at..at + LANES];
+                // SAFETY: `lanes` is `LANES` readable i32, all the mask selects; unaligned load.
+                *sum = unsafe { _mm512_maskz_loadu_epi32(lane_mask, lanes.as_ptr()) };
             }
         }
         let mut xs: [&[i32]; P] = [&[]; P];
@@ -1588,11 +2090,12 @@ mod vnni {
             }
             for i in 0..len {
                 let row = ((first + i) * outputs + start) * 4;
-                let row = &weights[row..row + 64 * V];
+                let row = &weights[row..row + 64 * (V - 1) + 4 * LANES];
                 for (j, w) in w.iter_mut().enumerate() {
-                    let bytes: &[i8; 64] = row[64 * j..64 * j + 64].try_into().expect("64 weights");
-                    // SAFETY: `bytes` is 64 readable bytes; unaligned load.
-                    *w = unsafe { _mm512_loadu_si512(bytes.as_ptr().cast()) };
+                    let bytes = &row[64 * j..64 * j + 4 * LANES];
+                    // SAFETY: `bytes` is `4 * LANES` readable bytes, all the mask selects;
+                    // unaligned load.
+                    *w = unsafe { _mm512_maskz_loadu_epi8(byte_mask, bytes.as_ptr()) };
                 }
                 for (pixel, x) in sums.iter_mut().zip(&xs) {
                     let x = _mm512_set1_epi32(x[i]);
@@ -1605,9 +2108,9 @@ mod vnni {
         for (p, pixel) in sums.iter().enumerate() {
             for (j, sum) in pixel.iter().enumerate() {
                 let at = p * outputs + start + 16 * j;
-                let lanes: &mut [i32; 16] = (&mut acc[at..at + 16]).try_into().expect("16 lanes");
-                // SAFETY: `lanes` is 16 writable i32, 64 bytes; unaligned store.
-                unsafe { _mm512_storeu_si512(lanes.as_mut_ptr().cast(), *sum) };
+                let lanes = &mut acc[at..at + LANES];
+                // SAFETY: `lanes` is `LANES` writable i32, all the mask selects; unaligned store.
+                unsafe { _mm512_mask_storeu_epi32(lanes.as_mut_ptr(), lane_mask, *sum) };
             }
         }
     }
@@ -1902,24 +2405,71 @@ mod tests {
 
     #[test]
     fn per_channel_requantization_equals_each_channels_multiplier() {
-        let reals = [0.5, 0.25, 3.0, 0.001073099, 1e-9, 0.0, 0.75, 2.0e-5, 1.5];
-        let multipliers: Vec<Multiplier> = reals.iter().map(|&r| Multiplier::new(r)).collect();
-        let requantization = Requantization::fixed_point(multipliers.iter().copied());
-        // 50 rows of 9 channels: the tile (72 values, 8 rows) does not divide them.
-        let accs = values(reals.len() * 50, 5, -2_000_000, 2_000_000);
-        let expected: Vec<i32> = accs
-            .iter()
-            .zip(multipliers.iter().cycle())
-            .map(|(&acc, m)| m.apply(acc) + 7)
-            .collect();
-        let mut rows = accs.clone();
-        requantization.apply_rows(&mut rows, 7);
-        assert_eq!(rows, expected);
-        // One row at a time, as a layer with weight zero points finishes each pixel.
-        for (row, expected) in accs.chunks(reals.len()).zip(expected.chunks(reals.len())) {
-            let mut got = row.to_vec();
-            requantization.apply(&mut got, 7);
-            assert_eq!(got, expected);
+        // Right shifts from 0 to 30, small ones (0.2, 0.1) where rounding is often a tie.
+        let reals = [
+            0.5,
+            0.25,
+            3.0,
+            0.001073099,
+            1e-9,
+            0.0,
+            0.75,
+            2.0e-5,
+            1.5,
+            0.2,
+            0.1,
+        ];
+        // 11 channels: a tile of 66 values (four registers and 2 left) that does not divide 200
+        // rows; 20 channels: a tile of 80 (four registers, then one).
+        for channels in [11, 20] {
+            let multipliers: Vec<Multiplier> = (reals.iter().cycle().take(channels))
+                .map(|&r| Multiplier::new(r))
+                .collect();
+            let requantization = Requantization::fixed_point(multipliers.iter().copied());
+            // The last row holds the extremes.
+            let mut accs = values(channels * 199, 5, -2_000_000, 2_000_000);
+            let extremes = [
+                i32::MIN,
+                i32::MAX,
+                -1,
+                0,
+                1,
+                1 << 20,
+                -(1 << 20),
+                12_345_678,
+                -7,
+            ];
+            accs.extend(extremes.iter().cycle().take(channels));
+            let expected: Vec<i32> = accs
+                .iter()
+                .zip(multipliers.iter().cycle())
+                .map(|(&acc, m)| m.apply(acc).wrapping_add(7))
+                .collect();
+            let mut wide = vec![0i16; accs.len()];
+            let i16_range = [i32::from(i16::MIN), i32::from(i16::MAX)];
+            requantization.store_rows(&accs, &mut wide, 7, i16_range);
+            let clamp = |y: i32| y.clamp(i16_range[0], i16_range[1]) as i16;
+            assert_eq!(wide, expected.iter().map(|&y| clamp(y)).collect::<Vec<_>>());
+            // Narrowed and clamped in the same pass, as a fused ReLU6 would: 0..=100 in i8.
+            let mut bytes = vec![0i8; accs.len()];
+            requantization.store_rows(&accs, &mut bytes, 7, [0, 100]);
+            let clamped: Vec<i8> = expected.iter().map(|&y| y.clamp(0, 100) as i8).collect();
+            assert_eq!(bytes, clamped, "{channels} channels");
+            assert!(clamped.contains(&0) && clamped.contains(&100));
+            assert!(clamped.iter().any(|&y| y != 0 && y != 100));
+            // The portable loop too, which `store_rows` passes over on a CPU with AVX-512.
+            let Requantization::FixedPoint {
+                multiplier,
+                left,
+                right,
+            } = &requantization
+            else {
+                unreachable!("built fixed-point")
+            };
+            let mut portable = vec![0i8; accs.len()];
+            let tiles = (&multiplier[..], &left[..], &right[..]);
+            store_fixed_point(&accs, &mut portable, tiles, 7, [0, 100]);
+            assert_eq!(portable, clamped, "{channels} channels, portable");
         }
     }
 
@@ -2045,9 +2595,9 @@ mod tests {
         // 8-bit input, odd depth, weight zero points 0 as in int8 TFLite models (the sum pass is
         // skipped). 13 outputs (a block of 8 and 5 more) per row; 80 outputs over 5 rows and
         // depth 9 and 70 (quadruples with a partial last one, four rows at a time and one more)
-        // where the CPU has AVX-512 VNNI. Input zero points: ordinary and at both ends of the
+        // where the CPU has AVX-512 VNNI, and 24 (a whole register and a half). Input zero points: ordinary and at both ends of the
         // 8-bit ranges (quadruple offsets 0 and 255), int8 and uint8.
-        for (depth, outputs, rows) in [(9, 13, 2), (9, 80, 5), (70, 80, 5)] {
+        for (depth, outputs, rows) in [(9, 13, 2), (9, 80, 5), (70, 80, 5), (9, 24, 5)] {
             for (unsigned, x_zp) in [(false, -5), (true, 131), (false, -128), (true, 255)] {
                 fully_connected_matches_the_direct_sum([depth, outputs, rows], unsigned, x_zp);
             }
@@ -2074,7 +2624,7 @@ mod tests {
         )
         .unwrap();
         let offset = if unsigned { x_zp } else { x_zp + 128 };
-        let quads = vnni() && outputs.is_multiple_of(16);
+        let quads = vnni() && outputs.is_multiple_of(8);
         assert_eq!(
             channels.packing::<u8>(offset) == Some(Packing::Quads),
             quads,
@@ -2217,27 +2767,34 @@ mod tests {
 
     #[test]
     fn convolutions_four_pixels_at_a_time_match_the_direct_sum() {
-        // 8-bit inputs, int8 weights without zero points. 40 outputs (blocks of 16, 16, 8) take
-        // the pixel-blocked pairs on AVX2; 80 (blocks of 64 and 16) take quadruples where the
-        // CPU has AVX-512 VNNI, else pairs. Channel counts that the packing width divides and
-        // that it does not, strides 1 and 2, SAME padding, and output widths that leave pixels
-        // over after the blocks of four; int8 and uint8 inputs.
+        // 8-bit inputs, weights without zero points. Weights that fit int8 take quadruples where
+        // the CPU has AVX-512 VNNI: 80 outputs (blocks of 64 and 16), 48, 24 and 8 (the last 8 a
+        // masked half register). Weights beyond int8 (uint8 here), or a CPU without VNNI, take
+        // the pixel-blocked pairs on AVX2: 40 outputs (blocks of 16, 16, 8), 8. Channel counts
+        // that the packing width divides and that it does not, strides 1 and 2, SAME padding,
+        // and output widths that leave pixels over after the blocks of four; int8 and uint8
+        // inputs.
         let cases = [
-            (3, 2, 9, 11, 40, 1, 1),
-            (4, 1, 5, 7, 40, 1, 1),
-            (6, 2, 8, 10, 40, 1, 1),
-            (3, 1, 4, 6, 40, 1, 1),
-            (3, 2, 9, 11, 80, 1, 1),
-            (4, 1, 5, 7, 80, 1, 1),
-            (8, 2, 8, 10, 80, 1, 1),
-            (6, 1, 6, 5, 48, 1, 1),
+            (3, 2, 9, 11, 40, 1, 1, true),
+            (4, 1, 5, 7, 40, 1, 1, true),
+            (6, 2, 8, 10, 40, 1, 1, true),
+            (3, 1, 4, 6, 40, 1, 1, true),
+            (3, 2, 9, 11, 8, 1, 1, true),
+            (3, 2, 9, 11, 80, 1, 1, false),
+            (4, 1, 5, 7, 80, 1, 1, false),
+            (8, 2, 8, 10, 80, 1, 1, false),
+            (6, 1, 6, 5, 48, 1, 1, false),
+            (3, 2, 9, 11, 8, 1, 1, false),
+            (4, 1, 5, 7, 24, 1, 1, false),
+            (1, 2, 9, 11, 24, 1, 1, false),
             // Two images, dilation 2: tapwise and gathered, on either packing.
-            (4, 1, 7, 9, 80, 2, 2),
-            (3, 1, 7, 9, 80, 2, 2),
-            (3, 2, 8, 9, 40, 2, 2),
-            (4, 1, 7, 9, 40, 2, 2),
+            (4, 1, 7, 9, 80, 2, 2, false),
+            (3, 1, 7, 9, 80, 2, 2, false),
+            (3, 1, 7, 9, 24, 2, 2, false),
+            (3, 2, 8, 9, 40, 2, 2, true),
+            (4, 1, 7, 9, 40, 2, 2, true),
         ];
-        for (cin, stride, h, w, outputs, batch, dilation) in cases {
+        for (cin, stride, h, w, outputs, batch, dilation, uint8_weights) in cases {
             for unsigned in [false, true] {
                 let conv = Geometry {
                     cin,
@@ -2248,7 +2805,7 @@ mod tests {
                     batch,
                     dilation,
                 };
-                paired_convolution_matches_the_direct_sum(conv, unsigned);
+                paired_convolution_matches_the_direct_sum(conv, unsigned, uint8_weights);
             }
         }
     }
@@ -2266,7 +2823,11 @@ mod tests {
         dilation: usize,
     }
 
-    fn paired_convolution_matches_the_direct_sum(case: Geometry, unsigned: bool) {
+    fn paired_convolution_matches_the_direct_sum(
+        case: Geometry,
+        unsigned: bool,
+        uint8_weights: bool,
+    ) {
         let Geometry {
             cin,
             h,
@@ -2276,22 +2837,21 @@ mod tests {
             ..
         } = case;
         let depth = 9 * cin;
-        let weights = values(out_channels * depth, 31, -128, 127);
+        let (lo, hi) = if uint8_weights { (0, 255) } else { (-128, 127) };
+        let weights = values(out_channels * depth, 31, lo, hi);
         let bias = values(out_channels, 32, -3000, 3000);
-        let raw: Vec<i8> = weights.iter().map(|&v| v as i8).collect();
+        let raw = if uint8_weights {
+            let raw: Vec<u8> = weights.iter().map(|&v| v as u8).collect();
+            Tensor::from_shape(&[out_channels, depth], &raw).unwrap()
+        } else {
+            let raw: Vec<i8> = weights.iter().map(|&v| v as i8).collect();
+            Tensor::from_shape(&[out_channels, depth], &raw).unwrap()
+        };
         let x_zp = if unsigned { 131 } else { -9 };
-        let channels = Channels::new(
-            &Tensor::from_shape(&[out_channels, depth], &raw).unwrap(),
-            Some(&tensor1(&bias)),
-            x_zp,
-            0.5,
-            &[0.01],
-            &[0],
-            0.3,
-        )
-        .unwrap();
+        let channels =
+            Channels::new(&raw, Some(&tensor1(&bias)), x_zp, 0.5, &[0.01], &[0], 0.3).unwrap();
         let offset = if unsigned { x_zp } else { x_zp + 128 };
-        let expected_packing = if vnni() && out_channels.is_multiple_of(16) {
+        let expected_packing = if vnni() && !uint8_weights {
             Some(Packing::Quads)
         } else if avx2() {
             Some(Packing::Pairs)
@@ -2378,6 +2938,14 @@ mod tests {
             out,
             expected(signed.iter().map(|&v| i32::from(v)).collect())
         );
+        // The portable kernel too, which a CPU with AVX-512 passes over.
+        let shape = [1, 4, 3, ch];
+        let requantization = Some(&conv.channels.requantization);
+        let stored = |acc: Vec<i32>| conv.output.store(&acc, &shape, requantization).unwrap();
+        let portable = stored(depthwise(&conv, &x, 1, h, w_));
+        assert_eq!(portable.as_bytes(), &unsigned[..]);
+        let portable = stored(depthwise(&conv, &signed, 1, h, w_));
+        assert_eq!(portable.as_bytes(), &out[..]);
     }
 
     #[test]
