@@ -1870,40 +1870,103 @@ mod avx512 {
             assert_eq!(size_of::<T>(), 1, "8-bit outputs");
             assert!(taps.len() <= MAX_TAPS, "at most {MAX_TAPS} taps");
             assert_eq!(out.len(), self.bases.len() * channels, "one row per pixel");
+            // Every tap of every pixel, all its channels, lies inside `padded`: checked once here,
+            // so that the loads of `block` need no check each.
+            let last = |v: &[usize]| v.iter().copied().max().unwrap_or(0);
+            assert!(
+                self.bases.is_empty()
+                    || last(self.bases) + last(taps) + channels <= self.padded.len(),
+                "every tap inside the padded input"
+            );
             let [zero_point, min, max] = self.output;
             let constants = Constants::new(zero_point, [min, max]);
-            let (multiplier, left, right) = self.tiles;
-            let mut w = [_mm512_setzero_si512(); MAX_TAPS];
             for c in (0..channels).step_by(16) {
-                let lanes = lanes(c, channels);
-                for (k, w) in w.iter_mut().take(taps.len()).enumerate() {
-                    *w = load_i32(self.weights, k * channels + c, lanes);
-                }
-                let (w, start) = (&w[..taps.len()], load_i32(self.bias, c, lanes));
-                let m = load_i32(multiplier, c, lanes);
-                let l = load_i32(bytemuck_u32(left), c, lanes);
-                let r = load_i32(bytemuck_u32(right), c, lanes);
-                for (p, &base) in self.bases.iter().enumerate() {
-                    let mut acc = start;
-                    for (&tap, &w) in taps.iter().zip(w) {
-                        let at = base + tap + c;
-                        let bytes = &self.padded[at..at + lanes.1];
-                        // SAFETY: `bytes` is as many readable bytes as `lanes` selects.
-                        let x = unsafe { _mm_maskz_loadu_epi8(lanes.0, bytes.as_ptr().cast()) };
-                        let x = if SIGNED {
-                            _mm512_cvtepi8_epi32(x)
-                        } else {
-                            _mm512_cvtepu8_epi32(x)
-                        };
-                        acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(x, w));
+                // SAFETY: the taps lie inside `padded` (asserted above); AVX-512 as for `run`.
+                unsafe {
+                    if taps.len() <= 9 {
+                        self.block::<9, SIGNED, T>(c, &constants, out);
+                    } else {
+                        self.block::<MAX_TAPS, SIGNED, T>(c, &constants, out);
                     }
-                    let y = narrow_bytes(requantize(acc, m, l, r, &constants));
-                    let at = p * channels + c;
-                    let to = &mut out[at..at + lanes.1];
-                    // SAFETY: `to` is as many writable bytes (`T` is one byte) as `lanes` selects.
-                    unsafe { _mm_mask_storeu_epi8(to.as_mut_ptr().cast(), lanes.0, y) };
                 }
             }
+        }
+
+        /// Channels `c..c + 16` of every pixel over `K` taps, the layer's and after them taps
+        /// of weight 0 (so that a 3×3 kernel, the usual one, is unrolled whole).
+        ///
+        /// # Safety
+        /// Every tap of every pixel lies inside `padded`, its channels included (as
+        /// [`Depthwise::run`] asserts).
+        #[allow(unsafe_code)]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        unsafe fn block<const K: usize, const SIGNED: bool, T: Narrow>(
+            &self,
+            c: usize,
+            constants: &Constants,
+            out: &mut [T],
+        ) {
+            let channels = self.channels;
+            let lanes = lanes(c, channels);
+            let mut taps = [0usize; K];
+            let mut w = [_mm512_setzero_si512(); K];
+            for (k, (&tap, (t, w))) in self
+                .taps
+                .iter()
+                .zip(taps.iter_mut().zip(&mut w))
+                .enumerate()
+            {
+                *t = tap + c;
+                *w = load_i32(self.weights, k * channels + c, lanes);
+            }
+            let start = load_i32(self.bias, c, lanes);
+            let (multiplier, left, right) = self.tiles;
+            let m = load_i32(multiplier, c, lanes);
+            let l = load_i32(bytemuck_u32(left), c, lanes);
+            let r = load_i32(bytemuck_u32(right), c, lanes);
+            for (p, &base) in self.bases.iter().enumerate() {
+                let mut acc = start;
+                for (&tap, &w) in taps.iter().zip(&w) {
+                    // SAFETY: the caller's promise: `base + tap` and the `lanes` after it lie in
+                    // `padded`.
+                    let x = unsafe {
+                        load_bytes::<SIGNED>(self.padded.as_ptr().add(base + tap), lanes)
+                    };
+                    acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(x, w));
+                }
+                let y = narrow_bytes(requantize(acc, m, l, r, constants));
+                let at = p * channels + c;
+                let to = &mut out[at..at + lanes.1];
+                // SAFETY: `to` is as many writable bytes (`T` is one byte) as `lanes` selects.
+                unsafe { _mm_mask_storeu_epi8(to.as_mut_ptr().cast(), lanes.0, y) };
+            }
+        }
+    }
+
+    /// The `lanes` bytes at `at` widened to `i32` (sign-extended where `SIGNED`), the other lanes
+    /// 0: whole and half registers by plain loads, other counts masked.
+    ///
+    /// # Safety
+    /// `at` and the bytes `lanes` counts after it are readable.
+    #[allow(unsafe_code)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn load_bytes<const SIGNED: bool>(
+        at: *const u8,
+        (mask, len): (__mmask16, usize),
+    ) -> __m512i {
+        // SAFETY: the caller's promise; each load reads `len` bytes at most.
+        let x = unsafe {
+            match len {
+                16 => _mm_loadu_si128(at.cast()),
+                8 => _mm_loadl_epi64(at.cast()),
+                _ => _mm_maskz_loadu_epi8(mask, at.cast()),
+            }
+        };
+        if SIGNED {
+            _mm512_cvtepi8_epi32(x)
+        } else {
+            _mm512_cvtepu8_epi32(x)
         }
     }
 
@@ -2672,12 +2735,23 @@ mod tests {
     /// A 3x3 convolution with SAME padding (TFLite puts the odd row and column after) over
     /// `case`, in `groups` (1, or `cin` for depthwise).
     fn same_conv(channels: Channels, output: IntOutput, case: Geometry, groups: usize) -> QConv {
-        let (oh, pad_y) = QConv::geometry(case.h, 3, case.stride, case.dilation, true);
-        let (ow, pad_x) = QConv::geometry(case.w, 3, case.stride, case.dilation, true);
+        same_conv_k(channels, output, case, groups, 3)
+    }
+
+    /// [`same_conv`] with a `k`×`k` kernel.
+    fn same_conv_k(
+        channels: Channels,
+        output: IntOutput,
+        case: Geometry,
+        groups: usize,
+        k: usize,
+    ) -> QConv {
+        let (oh, pad_y) = QConv::geometry(case.h, k, case.stride, case.dilation, true);
+        let (ow, pad_x) = QConv::geometry(case.w, k, case.stride, case.dilation, true);
         QConv {
             channels,
             output,
-            kernel: [3, 3],
+            kernel: [k, k],
             strides: [case.stride; 2],
             dilations: [case.dilation; 2],
             pad_before: [pad_y, pad_x],
@@ -2688,8 +2762,8 @@ mod tests {
     }
 
     /// [`same_conv`]'s accumulators (bias included, not requantized) from the definition: NHWC
-    /// `x` with zero point `x_zp`, weights `[outputs, 3, 3, cin / groups]` with a zero point per
-    /// output (`w_zps`, empty for none), taps outside the input skipped.
+    /// `x` with zero point `x_zp`, weights `[outputs, kh, kw, cin / groups]` with a zero point
+    /// per output (`w_zps`, empty for none), taps outside the input skipped.
     fn direct_conv(
         conv: &QConv,
         case: Geometry,
@@ -2708,6 +2782,7 @@ mod tests {
         } = case;
         let (per_group, outs_per_group) = (cin / conv.groups, outputs / conv.groups);
         let ([oh, ow], [pad_y, pad_x]) = (conv.out_hw, conv.pad_before);
+        let [kh, kw] = conv.kernel;
         let mut accs = Vec::new();
         for (b, oy, ox) in
             (0..batch).flat_map(|b| (0..oh).flat_map(move |oy| (0..ow).map(move |ox| (b, oy, ox))))
@@ -2715,7 +2790,7 @@ mod tests {
             for o in 0..outputs {
                 let (mut acc, group) = (bias[o], o / outs_per_group);
                 let w_zp = w_zps.get(o).copied().unwrap_or(0);
-                for (ky, kx) in (0..3).flat_map(|ky| (0..3).map(move |kx| (ky, kx))) {
+                for (ky, kx) in (0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky, kx))) {
                     let iy = (oy * stride + ky * dilation) as isize - pad_y as isize;
                     let ix = (ox * stride + kx * dilation) as isize - pad_x as isize;
                     if iy < 0 || ix < 0 || iy >= h as isize || ix >= width as isize {
@@ -2724,7 +2799,7 @@ mod tests {
                     let pixel = (b * h + iy as usize) * width + ix as usize;
                     for c in 0..per_group {
                         let xv = x[pixel * cin + group * per_group + c];
-                        let wv = w[((o * 3 + ky) * 3 + kx) * per_group + c];
+                        let wv = w[((o * kh + ky) * kw + kx) * per_group + c];
                         acc += (xv - x_zp) * (wv - w_zp);
                     }
                 }
@@ -2890,23 +2965,31 @@ mod tests {
     }
 
     #[test]
-    fn a_wide_depthwise_convolution_matches_the_direct_sum() {
-        // 59 channels (blocks of 32, 16 and 8, then 3 more), 3x3 kernel, stride 2, SAME padding,
-        // weights without zero points as in TFLite.
+    fn depthwise_convolutions_match_the_direct_sum() {
+        // 3x3 kernels, stride 2, SAME padding, weights without zero points as in TFLite: 59
+        // channels (portable blocks of 32, 16 and 8, then 3 more; on AVX-512 three registers and
+        // 11 masked lanes), 8 (a half register), 24. A 5x5 kernel (25 taps in registers) and a
+        // 1x1 (one tap, the rest of a 3x3 block weighing 0).
+        for (ch, k) in [(59, 3), (8, 3), (24, 3), (20, 5), (16, 1)] {
+            depthwise_matches_the_direct_sum(ch, k);
+        }
+    }
+
+    fn depthwise_matches_the_direct_sum(ch: usize, k: usize) {
         let case = Geometry {
-            cin: OUTPUTS,
+            cin: ch,
             stride: 2,
             h: 7,
             w: 6,
-            outputs: OUTPUTS,
+            outputs: ch,
             batch: 1,
             dilation: 1,
         };
-        let (h, w_, ch) = (case.h, case.w, case.cin);
-        let w = values(ch * 9, 21, 0, 255);
+        let (h, w_) = (case.h, case.w);
+        let w = values(ch * k * k, 21, 0, 255);
         let bias = values(ch, 22, -5000, 5000);
         let raw: Vec<u8> = w.iter().map(|&v| v as u8).collect();
-        let weights = Tensor::from_shape(&[ch, 9], &raw).unwrap();
+        let weights = Tensor::from_shape(&[ch, k * k], &raw).unwrap();
         let channels = Channels::new(
             &weights,
             Some(&tensor1(&bias)),
@@ -2917,7 +3000,7 @@ mod tests {
             0.3,
         )
         .unwrap();
-        let conv = same_conv(channels, u8_output(), case, ch);
+        let conv = same_conv_k(channels, u8_output(), case, ch, k);
         assert_eq!(conv.out_hw, [4, 3]);
         // The same bytes as uint8 and as int8 codes (values -128..=127), both read in place.
         let x = input(h * w_ * ch, 23);
@@ -2929,23 +3012,26 @@ mod tests {
                 .collect()
         };
         let unsigned = eval_on(&conv, &[1, h, w_, ch], &x);
+        let what = format!("{ch} channels, {k}x{k}");
         assert_eq!(
             unsigned,
-            expected(x.iter().map(|&v| i32::from(v)).collect())
+            expected(x.iter().map(|&v| i32::from(v)).collect()),
+            "{what}"
         );
         let out = eval_on(&conv, &[1, h, w_, ch], &signed);
         assert_eq!(
             out,
-            expected(signed.iter().map(|&v| i32::from(v)).collect())
+            expected(signed.iter().map(|&v| i32::from(v)).collect()),
+            "{what}"
         );
         // The portable kernel too, which a CPU with AVX-512 passes over.
         let shape = [1, 4, 3, ch];
         let requantization = Some(&conv.channels.requantization);
         let stored = |acc: Vec<i32>| conv.output.store(&acc, &shape, requantization).unwrap();
         let portable = stored(depthwise(&conv, &x, 1, h, w_));
-        assert_eq!(portable.as_bytes(), &unsigned[..]);
+        assert_eq!(portable.as_bytes(), &unsigned[..], "{what}, portable");
         let portable = stored(depthwise(&conv, &signed, 1, h, w_));
-        assert_eq!(portable.as_bytes(), &out[..]);
+        assert_eq!(portable.as_bytes(), &out[..], "{what}, portable");
     }
 
     #[test]
