@@ -261,6 +261,37 @@ impl IntOutput {
         Ok(out)
     }
 
+    /// The output of `shape` from `kernel`, for `channels`' layer: given `requantized`, the kernel
+    /// writes the output's bytes itself (and returns no accumulators); else it returns the
+    /// accumulators, requantized and stored here.
+    fn produce(
+        &self,
+        shape: &[usize],
+        channels: &Channels,
+        requantized: Option<&Requantized>,
+        kernel: impl FnOnce(Option<(&mut [u8], &Requantized)>) -> TractResult<Vec<i32>>,
+    ) -> TractResult<Tensor> {
+        let Some(requantized) = requantized else {
+            let acc = kernel(None)?;
+            return self.store(&acc, shape, Some(&channels.requantization));
+        };
+        let mut out = Tensor::zero_dt(self.dt, shape)?;
+        {
+            let mut view = out.try_as_plain_ram_mut()?;
+            let bytes = match self.dt {
+                DatumType::I8 => bytemuck_u8_mut(view.as_slice_mut::<i8>()?),
+                DatumType::U8 => view.as_slice_mut::<u8>()?,
+                dt => bail!("requantized in registers into 8-bit outputs only, not {dt:?}"),
+            };
+            let rest = kernel(Some((bytes, requantized)))?;
+            ensure!(
+                rest.is_empty(),
+                "a kernel left accumulators besides its bytes"
+            );
+        }
+        Ok(out)
+    }
+
     /// [`IntOutput::store`] into a slice of the output type.
     fn write<T: Narrow>(
         &self,
@@ -638,24 +669,24 @@ impl Channels {
     }
 
     /// Accumulates [`PIXELS`] pixels, or one where fewer than that are `left` in the row, and
-    /// returns how many: `acc` holds their accumulators, one row of `outputs` each; `segments`
+    /// returns how many: `target` takes their results, one row of `outputs` each; `segments`
     /// are `(first weight word, offset of the first pixel's words in input, words)`, and pixel
     /// `p` reads `p * step` further. Only with the packing [`Channels::packing`] chose.
     #[inline(always)]
     fn accumulate_pixels(
         &self,
         packing: Packing,
-        acc: &mut [i32],
+        target: Target,
         segments: &[(usize, usize, usize)],
         step: usize,
         input: &[i32],
         left: usize,
     ) -> usize {
         if left >= PIXELS {
-            self.accumulate_block_of::<PIXELS>(packing, acc, segments, step, input);
+            self.accumulate_block_of::<PIXELS>(packing, target, segments, step, input);
             PIXELS
         } else {
-            self.accumulate_block_of::<1>(packing, acc, segments, step, input);
+            self.accumulate_block_of::<1>(packing, target, segments, step, input);
             1
         }
     }
@@ -665,7 +696,7 @@ impl Channels {
     fn accumulate_block_of<const P: usize>(
         &self,
         packing: Packing,
-        acc: &mut [i32],
+        target: Target,
         segments: &[(usize, usize, usize)],
         step: usize,
         input: &[i32],
@@ -676,7 +707,7 @@ impl Channels {
             #[allow(unsafe_code)]
             Packing::Quads => unsafe {
                 return vnni::accumulate_pixels::<P>(
-                    acc,
+                    target,
                     segments,
                     step,
                     input,
@@ -687,6 +718,9 @@ impl Channels {
             // SAFETY: weight pairs are built only where AVX2 is available.
             #[allow(unsafe_code)]
             Packing::Pairs => unsafe {
+                let Target::Accumulators(acc) = target else {
+                    unreachable!("pairs leave accumulators")
+                };
                 return madd::accumulate_pixels::<P>(
                     acc,
                     segments,
@@ -699,7 +733,7 @@ impl Channels {
         }
         #[allow(unreachable_code)]
         {
-            let _ = (packing, acc, segments, step, input);
+            let _ = (packing, target, segments, step, input);
             unreachable!("packed weights are built only on x86-64 with AVX2 or AVX-512 VNNI");
         }
     }
@@ -721,6 +755,61 @@ impl Channels {
 #[inline(always)]
 fn pack_pair(a: i32, b: i32) -> i32 {
     i32::from(a as u16) | (i32::from(b as u16) << 16)
+}
+
+/// Where [`Channels::accumulate_pixels`] leaves its pixels' results.
+pub(crate) enum Target<'a> {
+    /// Their accumulators: rows of `outputs` that start out holding the bias.
+    Accumulators(&'a mut [i32]),
+    /// Their output bytes, rows of `outputs`, requantized in registers: AVX-512 VNNI
+    /// quadruples only, so that no accumulator goes to memory.
+    Bytes(&'a mut [u8], &'a Requantized<'a>),
+}
+
+impl<'a> Target<'a> {
+    /// From row offset `at`: of `bytes` where given, else of `accumulators`.
+    #[inline(always)]
+    fn at(
+        bytes: &'a mut Option<(&mut [u8], &Requantized)>,
+        accumulators: &'a mut [i32],
+        at: usize,
+    ) -> Self {
+        match bytes {
+            Some((bytes, requantized)) => Target::Bytes(&mut bytes[at..], requantized),
+            None => Target::Accumulators(&mut accumulators[at..]),
+        }
+    }
+}
+
+/// What [`Target::Bytes`] needs: the accumulators' start and the requantization.
+pub(crate) struct Requantized<'a> {
+    /// [`Channels::bias_for`] the quadruples.
+    bias: Vec<i32>,
+    /// [`Requantization::FixedPoint`]'s multipliers, left and right shifts.
+    tiles: (&'a [i32], &'a [u32], &'a [u32]),
+    /// The output's zero point, minimum and maximum.
+    output: [i32; 3],
+}
+
+impl<'a> Requantized<'a> {
+    /// For `c`'s quadruples with `offset` into `output`, where its results can be requantized in
+    /// registers: on AVX-512 VNNI, fixed-point requantization (TFLite's), 8-bit outputs.
+    fn new(c: &'a Channels, offset: i32, output: &IntOutput) -> Option<Self> {
+        let Requantization::FixedPoint {
+            multiplier,
+            left,
+            right,
+        } = &c.requantization
+        else {
+            return None;
+        };
+        let bytes = matches!(output.dt, DatumType::I8 | DatumType::U8);
+        (bytes && !c.weight_quads.is_empty()).then(|| Requantized {
+            bias: c.bias_for(Packing::Quads, offset),
+            tiles: (multiplier, left, right),
+            output: [output.zero_point, output.min, output.max],
+        })
+    }
 }
 
 /// Quantized FULLY_CONNECTED: `[rows, depth]` in, `[rows, outputs]` out.
@@ -754,15 +843,30 @@ impl EvalOp for QFullyConnected {
         let bytes = input.as_bytes();
         let dt = input.datum_type().unquantized();
         let offset = c.quad_offset(dt);
-        let out = match dt {
-            DatumType::I8 => fully_connected(c, bytemuck_i8(bytes), rows, offset),
-            DatumType::U8 => fully_connected(c, bytes, rows, offset),
-            _ => fully_connected(c, &widen(input)?, rows, offset),
-        };
-        let out = self
-            .output
-            .store(&out, &[rows, c.outputs], Some(&c.requantization))?;
+        let quads = match dt {
+            DatumType::I8 => c.packing::<i8>(offset),
+            DatumType::U8 => c.packing::<u8>(offset),
+            _ => None,
+        } == Some(Packing::Quads);
+        let requantized = Requantized::new(c, offset, &self.output).filter(|_| quads);
+        let shape = [rows, c.outputs];
+        let out = self.output.produce(&shape, c, requantized.as_ref(), |to| {
+            Ok(match dt {
+                DatumType::I8 => fully_connected(c, bytemuck_i8(bytes), rows, offset, to),
+                DatumType::U8 => fully_connected(c, bytes, rows, offset, to),
+                _ => fully_connected(c, &widen(input)?, rows, offset, to),
+            })
+        })?;
         Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+/// `i8` values as their bytes.
+fn bytemuck_u8_mut(values: &mut [i8]) -> &mut [u8] {
+    #[allow(unsafe_code)]
+    // SAFETY: i8 and u8 have the same size and alignment, and every bit pattern is valid for both.
+    unsafe {
+        std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), values.len())
     }
 }
 
@@ -775,15 +879,18 @@ fn bytemuck_i8(bytes: &[u8]) -> &[i8] {
     }
 }
 
-/// The rows of a fully-connected layer: on AVX-512 VNNI quadruples where [`Channels::packing`]
-/// allows (`offset` as for [`paired_conv`]), else per row with the inputs that equal their zero
-/// point skipped. Compiled for AVX2 and SSE4.1 too, chosen at run time.
+/// The rows of a fully-connected layer, as accumulators: on AVX-512 VNNI quadruples where
+/// [`Channels::packing`] allows (`offset` as for [`paired_conv`]), else per row with the inputs
+/// that equal their zero point skipped. Given `bytes` (quadruples only, see [`IntOutput::produce`]),
+/// the rows go there requantized instead, and no accumulators are returned. Compiled for AVX2 and
+/// SSE4.1 too, chosen at run time.
 #[multiversion(targets("x86_64+avx2", "x86_64+sse4.1"))]
 fn fully_connected<T: Copy + Into<i32>>(
     c: &Channels,
     x: &[T],
     rows: usize,
     offset: i32,
+    mut bytes: Option<(&mut [u8], &Requantized)>,
 ) -> Vec<i32> {
     if c.packing::<T>(offset) == Some(Packing::Quads) {
         let words = c.depth.div_ceil(4);
@@ -791,16 +898,22 @@ fn fully_connected<T: Copy + Into<i32>>(
         for (row, words) in x.chunks_exact(c.depth).zip(packed.chunks_exact_mut(words)) {
             Packing::Quads.pack(row, c.x_zero_point, offset, words);
         }
-        let bias = c.bias_for(Packing::Quads, offset);
-        let mut out = if rows == 1 { bias } else { bias.repeat(rows) };
+        let mut out = match bytes {
+            Some(_) => Vec::new(),
+            None => c.bias_for(Packing::Quads, offset).repeat(rows),
+        };
         let mut r = 0;
         while r < rows {
             let segments = [(0, r * words, words)];
-            let acc = &mut out[r * c.outputs..];
-            r += c.accumulate_pixels(Packing::Quads, acc, &segments, words, &packed, rows - r);
+            let target = Target::at(&mut bytes, &mut out, r * c.outputs);
+            r += c.accumulate_pixels(Packing::Quads, target, &segments, words, &packed, rows - r);
         }
         return out;
     }
+    assert!(
+        bytes.is_none(),
+        "requantized in registers on quadruples only"
+    );
     let mut out = Vec::with_capacity(rows * c.outputs);
     let paired = c.pairs_help::<T>();
     let mut pairs = Vec::new();
@@ -1290,6 +1403,7 @@ fn paired_conv<T: Copy + Into<i32>>(
     [n, h, w]: [usize; 3],
     packing: Packing,
     offset: i32,
+    mut bytes: Option<(&mut [u8], &Requantized)>,
 ) -> Vec<i32> {
     {
         let c = &conv.channels;
@@ -1301,8 +1415,12 @@ fn paired_conv<T: Copy + Into<i32>>(
         if n * oh * ow * c.outputs == 0 {
             return Vec::new();
         }
-        // Every output pixel starts from the bias.
-        let mut out = c.bias_for(packing, offset).repeat(n * oh * ow);
+        // Every output pixel's accumulators start from the bias (or, with `bytes`, start from it
+        // in registers).
+        let mut out = match bytes {
+            Some(_) => Vec::new(),
+            None => c.bias_for(packing, offset).repeat(n * oh * ow),
+        };
         let mut segments: Vec<(usize, usize, usize)> = Vec::with_capacity(kh * kw);
         let width = packing.width();
         let tapwise = cin.is_multiple_of(width);
@@ -1404,8 +1522,9 @@ fn paired_conv<T: Copy + Into<i32>>(
                         segments.push((0, ((b * oh + oy) * ow + ox) * words, words));
                         words
                     };
-                    let acc = &mut out[((b * oh + oy) * ow + ox) * c.outputs..];
-                    ox += c.accumulate_pixels(packing, acc, &segments, step, &packed, ow - ox);
+                    let at = ((b * oh + oy) * ow + ox) * c.outputs;
+                    let target = Target::at(&mut bytes, &mut out, at);
+                    ox += c.accumulate_pixels(packing, target, &segments, step, &packed, ow - ox);
                 }
             }
         }
@@ -1447,25 +1566,28 @@ impl EvalOp for QConv {
             DatumType::U8 => self.channels.packing::<u8>(offset),
             _ => None,
         };
+        let quads = !channel_wise && packing == Some(Packing::Quads);
+        let requantized = Requantized::new(&self.channels, offset, &self.output).filter(|_| quads);
         // 8-bit values are read in place.
         let bytes = input.as_bytes();
-        let out = match (channel_wise, dt, packing) {
-            (true, DatumType::I8, _) => depthwise(self, bytemuck_i8(bytes), n, h, w),
-            (true, DatumType::U8, _) => depthwise(self, bytes, n, h, w),
-            (true, _, _) => depthwise(self, &widen(input)?, n, h, w),
-            (false, DatumType::I8, Some(packing)) => {
-                paired_conv(self, bytemuck_i8(bytes), [n, h, w], packing, offset)
-            }
-            (false, DatumType::U8, Some(packing)) => {
-                paired_conv(self, bytes, [n, h, w], packing, offset)
-            }
-            (false, DatumType::I8, None) => grouped(self, bytemuck_i8(bytes), n, h, w),
-            (false, DatumType::U8, None) => grouped(self, bytes, n, h, w),
-            (false, _, _) => grouped(self, &widen(input)?, n, h, w),
-        };
         let [oh, ow] = self.out_hw;
         let shape = [n, oh, ow, self.channels.outputs];
-        let out = (self.output).store(&out, &shape, Some(&self.channels.requantization))?;
+        let out = (self.output).produce(&shape, &self.channels, requantized.as_ref(), |to| {
+            Ok(match (channel_wise, dt, packing) {
+                (true, DatumType::I8, _) => depthwise(self, bytemuck_i8(bytes), n, h, w),
+                (true, DatumType::U8, _) => depthwise(self, bytes, n, h, w),
+                (true, _, _) => depthwise(self, &widen(input)?, n, h, w),
+                (false, DatumType::I8, Some(packing)) => {
+                    paired_conv(self, bytemuck_i8(bytes), [n, h, w], packing, offset, to)
+                }
+                (false, DatumType::U8, Some(packing)) => {
+                    paired_conv(self, bytes, [n, h, w], packing, offset, to)
+                }
+                (false, DatumType::I8, None) => grouped(self, bytemuck_i8(bytes), n, h, w),
+                (false, DatumType::U8, None) => grouped(self, bytes, n, h, w),
+                (false, _, _) => grouped(self, &widen(input)?, n, h, w),
+            })
+        })?;
         Ok(tvec!(out.into_tvalue()))
     }
 }
@@ -1726,6 +1848,7 @@ fn vnni() -> bool {
     {
         std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512vnni")
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -1828,7 +1951,7 @@ mod avx512 {
     /// `len` (at most 16) `i32` of `values` from `at`, the other lanes 0.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn load_i32(values: &[i32], at: usize, (mask, len): (__mmask16, usize)) -> __m512i {
+    pub(super) fn load_i32(values: &[i32], at: usize, (mask, len): (__mmask16, usize)) -> __m512i {
         let lanes = &values[at..at + len];
         // SAFETY: `lanes` is `len` readable i32, and `mask` selects the first `len` lanes only
         // (masked-off lanes are not read and cannot fault).
@@ -1976,7 +2099,7 @@ mod avx512 {
 
     /// Shift counts as the `i32` lanes the shift instructions read (all below 32).
     #[inline(always)]
-    fn bytemuck_u32(values: &[u32]) -> &[i32] {
+    pub(super) fn bytemuck_u32(values: &[u32]) -> &[i32] {
         // SAFETY: u32 and i32 have the same size and alignment, and every bit pattern is valid
         // for both.
         #[allow(unsafe_code)]
@@ -1990,7 +2113,7 @@ mod avx512 {
     /// slow instruction this module avoids.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
-    fn narrow_bytes(y: __m512i) -> __m128i {
+    pub(super) fn narrow_bytes(y: __m512i) -> __m128i {
         let y = _mm512_and_si512(y, _mm512_set1_epi32(0xFF));
         let words = _mm512_packus_epi32(y, y);
         // Each 128-bit lane now holds its four values' bytes in its first 32 bits (repeated).
@@ -2002,7 +2125,7 @@ mod avx512 {
     /// 16 accumulators requantized ([`super::Multiplier::apply`]), plus the zero point, clamped.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
-    fn requantize(
+    pub(super) fn requantize(
         acc: __m512i,
         multiplier: __m512i,
         left: __m512i,
@@ -2082,16 +2205,19 @@ mod avx512 {
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
+    use super::Target;
+    use super::avx512::{Constants, bytemuck_u32, load_i32, narrow_bytes, requantize};
     use std::arch::x86_64::*;
 
-    /// Adds `sum_b x[b] * w[4q + b][o]` to `acc` for `P` pixels (rows of `outputs`, a multiple of
-    /// 8) and every packed input word `x` of quadruple `q` (segments as in
-    /// [`super::Channels::accumulate_pixels`]), in register blocks of 64, 32, 16 and 8 outputs;
-    /// `weights` is [`super::Channels`]' `weight_quads`.
+    /// Adds `sum_b x[b] * w[4q + b][o]` for `P` pixels (rows of `outputs`, a multiple of 8) and
+    /// every packed input word `x` of quadruple `q` (segments as in
+    /// [`super::Channels::accumulate_pixels`]) to their accumulators, or from the bias into
+    /// requantized bytes ([`Target`]), in register blocks of 64, 32, 16 and 8 outputs; `weights`
+    /// is [`super::Channels`]' `weight_quads`.
     #[allow(unsafe_code)]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub(super) unsafe fn accumulate_pixels<const P: usize>(
-        acc: &mut [i32],
+        mut acc: Target,
         segments: &[(usize, usize, usize)],
         step: usize,
         input: &[i32],
@@ -2100,28 +2226,28 @@ mod vnni {
     ) {
         let mut start = 0;
         while outputs - start >= 64 {
-            block::<4, P, 16>(acc, start, segments, step, input, weights, outputs);
+            block::<4, P, 16>(&mut acc, start, segments, step, input, weights, outputs);
             start += 64;
         }
         if outputs - start >= 32 {
-            block::<2, P, 16>(acc, start, segments, step, input, weights, outputs);
+            block::<2, P, 16>(&mut acc, start, segments, step, input, weights, outputs);
             start += 32;
         }
         if outputs - start >= 16 {
-            block::<1, P, 16>(acc, start, segments, step, input, weights, outputs);
+            block::<1, P, 16>(&mut acc, start, segments, step, input, weights, outputs);
             start += 16;
         }
         if outputs - start >= 8 {
-            block::<1, P, 8>(acc, start, segments, step, input, weights, outputs);
+            block::<1, P, 8>(&mut acc, start, segments, step, input, weights, outputs);
         }
     }
 
     /// Outputs `start..start + LANES * V` of `P` pixels, in `V * P` of the 32 registers: `LANES`
     /// is 16, or 8 (the low half of one register, masked) for a last block of 8 outputs.
     #[allow(unsafe_code)]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     fn block<const V: usize, const P: usize, const LANES: usize>(
-        acc: &mut [i32],
+        target: &mut Target,
         start: usize,
         segments: &[(usize, usize, usize)],
         step: usize,
@@ -2139,10 +2265,11 @@ mod vnni {
         let mut sums = [[_mm512_setzero_si512(); V]; P];
         for (p, pixel) in sums.iter_mut().enumerate() {
             for (j, sum) in pixel.iter_mut().enumerate() {
-                let at = p * outputs + start + 16 * j;
-                let lanes = &acc[at..at + LANES];
-                // SAFETY: `lanes` is `LANES` readable i32, all the mask selects; unaligned load.
-                *sum = unsafe { _mm512_maskz_loadu_epi32(lane_mask, lanes.as_ptr()) };
+                let (values, at) = match target {
+                    Target::Accumulators(acc) => (&acc[..], p * outputs + start + 16 * j),
+                    Target::Bytes(_, r) => (&r.bias[..], start + 16 * j),
+                };
+                *sum = load_i32(values, at, (lane_mask, LANES));
             }
         }
         let mut xs: [&[i32]; P] = [&[]; P];
@@ -2168,12 +2295,45 @@ mod vnni {
                 }
             }
         }
-        for (p, pixel) in sums.iter().enumerate() {
-            for (j, sum) in pixel.iter().enumerate() {
-                let at = p * outputs + start + 16 * j;
-                let lanes = &mut acc[at..at + LANES];
-                // SAFETY: `lanes` is `LANES` writable i32, all the mask selects; unaligned store.
-                unsafe { _mm512_mask_storeu_epi32(lanes.as_mut_ptr(), lane_mask, *sum) };
+        match target {
+            Target::Accumulators(acc) => {
+                for (p, pixel) in sums.iter().enumerate() {
+                    for (j, sum) in pixel.iter().enumerate() {
+                        let at = p * outputs + start + 16 * j;
+                        let lanes = &mut acc[at..at + LANES];
+                        // SAFETY: `lanes` is `LANES` writable i32, all the mask selects;
+                        // unaligned store.
+                        unsafe { _mm512_mask_storeu_epi32(lanes.as_mut_ptr(), lane_mask, *sum) };
+                    }
+                }
+            }
+            Target::Bytes(out, r) => {
+                // Through a small buffer: requantizing the registers where they are would have
+                // the compiler keep them in memory across the loop above (measured: spills).
+                let mut lanes = [[0i32; 64]; P];
+                for (pixel, lanes) in sums.iter().zip(&mut lanes) {
+                    for (sum, lanes) in pixel.iter().zip(lanes.chunks_exact_mut(16)) {
+                        // SAFETY: `lanes` is 16 writable i32; unaligned store.
+                        unsafe { _mm512_storeu_si512(lanes.as_mut_ptr().cast(), *sum) };
+                    }
+                }
+                let [zero_point, min, max] = r.output;
+                let constants = Constants::new(zero_point, [min, max]);
+                let (multiplier, left, right) = r.tiles;
+                for j in 0..V {
+                    let (channel, mask) = (start + 16 * j, (lane_mask, LANES));
+                    let m = load_i32(multiplier, channel, mask);
+                    let l = load_i32(bytemuck_u32(left), channel, mask);
+                    let r = load_i32(bytemuck_u32(right), channel, mask);
+                    for (p, lanes) in lanes.iter().enumerate() {
+                        let sum = load_i32(lanes, 16 * j, (u16::MAX, 16));
+                        let y = narrow_bytes(requantize(sum, m, l, r, &constants));
+                        let at = p * outputs + channel;
+                        let to = &mut out[at..at + LANES];
+                        // SAFETY: `to` is `LANES` writable bytes, all the mask selects.
+                        unsafe { _mm_mask_storeu_epi8(to.as_mut_ptr().cast(), lane_mask, y) };
+                    }
+                }
             }
         }
     }
