@@ -1080,16 +1080,10 @@ impl QConv {
                 c.bias[o].wrapping_sub(zp.wrapping_mul(sum))
             })
             .collect();
-        let bases: Vec<usize> = (0..n)
-            .flat_map(|b| {
-                (0..oh).flat_map(move |oy| {
-                    (0..ow).map(move |ox| ((b * hp + oy * sy) * wp + ox * sx) * ch)
-                })
-            })
-            .collect();
         let layer = avx512::Depthwise {
             padded: &padded,
-            bases: &bases,
+            pixels: [n, oh, ow],
+            steps: [hp * wp * ch, sy * wp * ch, sx * ch],
             taps: &taps,
             channels: ch,
             weights: &c.weights_t,
@@ -1966,8 +1960,11 @@ mod avx512 {
     pub(super) struct Depthwise<'a> {
         /// The padded input's raw bytes.
         pub padded: &'a [u8],
-        /// Each output pixel's first input.
-        pub bases: &'a [usize],
+        /// Output images, rows and columns.
+        pub pixels: [usize; 3],
+        /// How far apart in `padded` the first inputs of consecutive images, output rows and
+        /// output columns are.
+        pub steps: [usize; 3],
         /// The taps' offsets from a pixel's first input (at most [`MAX_TAPS`]).
         pub taps: &'a [usize],
         pub channels: usize,
@@ -1992,13 +1989,19 @@ mod avx512 {
             let (channels, taps) = (self.channels, self.taps);
             assert_eq!(size_of::<T>(), 1, "8-bit outputs");
             assert!(taps.len() <= MAX_TAPS, "at most {MAX_TAPS} taps");
-            assert_eq!(out.len(), self.bases.len() * channels, "one row per pixel");
+            let pixels: usize = self.pixels.iter().product();
+            assert_eq!(out.len(), pixels * channels, "one row per pixel");
+            if pixels == 0 {
+                return;
+            }
             // Every tap of every pixel, all its channels, lies inside `padded`: checked once here,
-            // so that the loads of `block` need no check each.
-            let last = |v: &[usize]| v.iter().copied().max().unwrap_or(0);
+            // for the last pixel and the furthest tap, so that the loads of `block` need no check
+            // each.
+            let last =
+                (self.pixels.iter().zip(self.steps)).map(|(&count, step)| (count - 1) * step);
+            let furthest = taps.iter().copied().max().unwrap_or(0);
             assert!(
-                self.bases.is_empty()
-                    || last(self.bases) + last(taps) + channels <= self.padded.len(),
+                last.sum::<usize>() + furthest + channels <= self.padded.len(),
                 "every tap inside the padded input"
             );
             let [zero_point, min, max] = self.output;
@@ -2047,21 +2050,28 @@ mod avx512 {
             let m = load_i32(multiplier, c, lanes);
             let l = load_i32(bytemuck_u32(left), c, lanes);
             let r = load_i32(bytemuck_u32(right), c, lanes);
-            for (p, &base) in self.bases.iter().enumerate() {
-                let mut acc = start;
-                for (&tap, &w) in taps.iter().zip(&w) {
-                    // SAFETY: the caller's promise: `base + tap` and the `lanes` after it lie in
-                    // `padded`.
-                    let x = unsafe {
-                        load_bytes::<SIGNED>(self.padded.as_ptr().add(base + tap), lanes)
-                    };
-                    acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(x, w));
+            let [images, rows, columns] = self.pixels;
+            let [image, row, column] = self.steps;
+            // Output rows of `out`, one per pixel, with each pixel's first input.
+            let mut rows_out = out.chunks_exact_mut(channels);
+            for first in (0..images).flat_map(|b| (0..rows).map(move |y| b * image + y * row)) {
+                let mut base = first;
+                for out in rows_out.by_ref().take(columns) {
+                    let mut acc = start;
+                    for (&tap, &w) in taps.iter().zip(&w) {
+                        // SAFETY: the caller's promise: `base + tap` and the `lanes` after it
+                        // lie in `padded`.
+                        let x = unsafe {
+                            load_bytes::<SIGNED>(self.padded.as_ptr().add(base + tap), lanes)
+                        };
+                        acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(x, w));
+                    }
+                    let y = narrow_bytes(requantize(acc, m, l, r, constants));
+                    let to = &mut out[c..c + lanes.1];
+                    // SAFETY: `to` is as many writable bytes (`T` is one byte) as `lanes` selects.
+                    unsafe { _mm_mask_storeu_epi8(to.as_mut_ptr().cast(), lanes.0, y) };
+                    base += column;
                 }
-                let y = narrow_bytes(requantize(acc, m, l, r, constants));
-                let at = p * channels + c;
-                let to = &mut out[at..at + lanes.1];
-                // SAFETY: `to` is as many writable bytes (`T` is one byte) as `lanes` selects.
-                unsafe { _mm_mask_storeu_epi8(to.as_mut_ptr().cast(), lanes.0, y) };
             }
         }
     }
@@ -3129,20 +3139,20 @@ mod tests {
         // 3x3 kernels, stride 2, SAME padding, weights without zero points as in TFLite: 59
         // channels (portable blocks of 32, 16 and 8, then 3 more; on AVX-512 three registers and
         // 11 masked lanes), 8 (a half register), 24. A 5x5 kernel (25 taps in registers) and a
-        // 1x1 (one tap, the rest of a 3x3 block weighing 0).
-        for (ch, k) in [(59, 3), (8, 3), (24, 3), (20, 5), (16, 1)] {
-            depthwise_matches_the_direct_sum(ch, k);
+        // 1x1 (one tap, the rest of a 3x3 block weighing 0). Two images, once.
+        for (ch, k, batch) in [(59, 3, 1), (8, 3, 1), (24, 3, 2), (20, 5, 1), (16, 1, 1)] {
+            depthwise_matches_the_direct_sum(ch, k, batch);
         }
     }
 
-    fn depthwise_matches_the_direct_sum(ch: usize, k: usize) {
+    fn depthwise_matches_the_direct_sum(ch: usize, k: usize, batch: usize) {
         let case = Geometry {
             cin: ch,
             stride: 2,
             h: 7,
             w: 6,
             outputs: ch,
-            batch: 1,
+            batch,
             dilation: 1,
         };
         let (h, w_) = (case.h, case.w);
@@ -3163,7 +3173,7 @@ mod tests {
         let conv = same_conv_k(channels, u8_output(), case, ch, k);
         assert_eq!(conv.out_hw, [4, 3]);
         // The same bytes as uint8 and as int8 codes (values -128..=127), both read in place.
-        let x = input(h * w_ * ch, 23);
+        let x = input(batch * h * w_ * ch, 23);
         let signed: Vec<i8> = x.iter().map(|&v| v as i8).collect();
         let expected = |x: Vec<i32>| -> Vec<u8> {
             direct_conv(&conv, case, (&x, X_ZP), (&w, &[]), &bias)
@@ -3171,26 +3181,26 @@ mod tests {
                 .map(|acc| reference_output(acc, 0.5 * 0.01 / 0.3, 120))
                 .collect()
         };
-        let unsigned = eval_on(&conv, &[1, h, w_, ch], &x);
-        let what = format!("{ch} channels, {k}x{k}");
+        let unsigned = eval_on(&conv, &[batch, h, w_, ch], &x);
+        let what = format!("{ch} channels, {k}x{k}, {batch} images");
         assert_eq!(
             unsigned,
             expected(x.iter().map(|&v| i32::from(v)).collect()),
             "{what}"
         );
-        let out = eval_on(&conv, &[1, h, w_, ch], &signed);
+        let out = eval_on(&conv, &[batch, h, w_, ch], &signed);
         assert_eq!(
             out,
             expected(signed.iter().map(|&v| i32::from(v)).collect()),
             "{what}"
         );
         // The portable kernel too, which a CPU with AVX-512 passes over.
-        let shape = [1, 4, 3, ch];
+        let shape = [batch, 4, 3, ch];
         let requantization = Some(&conv.channels.requantization);
         let stored = |acc: Vec<i32>| conv.output.store(&acc, &shape, requantization).unwrap();
-        let portable = stored(depthwise(&conv, &x, 1, h, w_));
+        let portable = stored(depthwise(&conv, &x, batch, h, w_));
         assert_eq!(portable.as_bytes(), &unsigned[..], "{what}, portable");
-        let portable = stored(depthwise(&conv, &signed, 1, h, w_));
+        let portable = stored(depthwise(&conv, &signed, batch, h, w_));
         assert_eq!(portable.as_bytes(), &out[..], "{what}, portable");
     }
 
