@@ -1686,9 +1686,13 @@ impl QAdd {
     }
 }
 
-/// [`QAdd`] over two equally long runs of input values. Compiled for AVX2 and SSE4.1 too, chosen
-/// at run time.
-#[multiversion(targets("x86_64+avx2", "x86_64+sse4.1"))]
+/// [`QAdd`] over two equally long runs of input values. Compiled for AVX-512, AVX2 and SSE4.1
+/// too, chosen at run time.
+#[multiversion(targets(
+    "x86_64+avx2+avx512f+avx512bw+avx512vl",
+    "x86_64+avx2",
+    "x86_64+sse4.1"
+))]
 fn add<A: Copy + Into<i32>, B: Copy + Into<i32>>(op: &QAdd, a: &[A], b: &[B]) -> Vec<i32> {
     let mut out = vec![0; a.len()];
     for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
