@@ -22,8 +22,9 @@
 //! registers: portable (vectorized by the compiler), or on x86-64 with AVX2 two depth rows per
 //! `vpmaddwd` ([`madd`]), or with AVX-512 VNNI four per `vpdpbusd` ([`mod@vnni`]), chosen at run time.
 //! One-group convolutions on those instructions take four output pixels at a time over an input
-//! packed once ([`paired_conv`]); requantization runs over whole layers in a vectorized loop
-//! ([`Requantization`]).
+//! packed once ([`paired_conv`]). With AVX-512 ([`mod@avx512`]) the accumulators of VNNI and
+//! depthwise layers are requantized in registers and leave as the output's bytes; elsewhere
+//! requantization, clamp and narrowing are one vectorized pass over a layer ([`Requantization`]).
 
 use multiversion::multiversion;
 use tract_core::internal::*;
@@ -167,6 +168,7 @@ impl Requantization {
 /// multiplier, left shift, right shift). Compiled for AVX2 and SSE4.1 too, chosen at run time:
 /// every convolution's and fully-connected layer's whole output passes through here. (With
 /// AVX-512, [`avx512::store_fixed_point`] instead.)
+#[multiversion(targets("x86_64+avx2", "x86_64+sse4.1"))]
 fn store_fixed_point<T: Narrow>(
     acc: &[i32],
     out: &mut [T],
@@ -175,6 +177,9 @@ fn store_fixed_point<T: Narrow>(
     [min, max]: [i32; 2],
 ) {
     let tile = multiplier.len();
+    if tile == 0 {
+        return; // No channels, so no values.
+    }
     for (acc, out) in acc.chunks(tile).zip(out.chunks_mut(tile)) {
         let channels = multiplier.iter().zip(left).zip(right);
         for ((o, &a), ((&m, &l), &r)) in out.iter_mut().zip(acc).zip(channels) {
@@ -194,6 +199,9 @@ fn store_float<T: Narrow>(
     zero_point: i32,
     [min, max]: [i32; 2],
 ) {
+    if bits.is_empty() {
+        return; // No channels, so no values.
+    }
     for (acc, out) in acc.chunks(bits.len()).zip(out.chunks_mut(bits.len())) {
         for ((o, &a), &s) in out.iter_mut().zip(acc).zip(bits) {
             // Saturating cast: far out of range either way, and clamped just after.
@@ -1878,6 +1886,9 @@ mod avx512 {
         [min, max]: [i32; 2],
     ) {
         let tile = multiplier.len();
+        if tile == 0 {
+            return; // No channels, so no values.
+        }
         let constants = Constants::new(zero_point, [min, max]);
         for (acc, out) in acc.chunks(tile).zip(out.chunks_mut(tile)) {
             let whole = acc.len() - acc.len() % 16;
@@ -1907,15 +1918,9 @@ mod avx512 {
                 i += 16;
             }
             // The tile's last channels, fewer than 16 (only where it is not a multiple of 16).
-            let rest = (acc[whole..].iter().zip(&mut out[whole..]))
-                .zip((multiplier[whole..].iter().zip(&left[whole..])).zip(&right[whole..]));
-            for ((&a, o), ((&m, &l), &r)) in rest {
-                let y = super::rounding_divide_by_pot(
-                    super::rounding_doubling_high_mul(a.wrapping_shl(l), m),
-                    r,
-                );
-                *o = T::narrow(y.wrapping_add(zero_point).clamp(min, max));
-            }
+            let rest = (&multiplier[whole..], &left[whole..], &right[whole..]);
+            let (acc, out) = (&acc[whole..], &mut out[whole..]);
+            super::store_fixed_point(acc, out, rest, zero_point, [min, max]);
         }
     }
 
