@@ -23,8 +23,9 @@
 //! `vpmaddwd` ([`madd`]), or with AVX-512 VNNI four per `vpdpbusd` ([`mod@vnni`]), chosen at run time.
 //! One-group convolutions on those instructions take four output pixels at a time over an input
 //! packed once ([`paired_conv`]). With AVX-512 ([`mod@avx512`]) the accumulators of VNNI and
-//! depthwise layers are requantized in registers and leave as the output's bytes; elsewhere
-//! requantization, clamp and narrowing are one vectorized pass over a layer ([`Requantization`]).
+//! depthwise layers with TFLite's requantization and 8-bit outputs are requantized a register
+//! block at a time and leave as the output's bytes; elsewhere requantization, clamp and narrowing
+//! are one vectorized pass over a layer ([`Requantization`]).
 
 use multiversion::multiversion;
 use tract_core::internal::*;
@@ -77,7 +78,8 @@ impl Multiplier {
 
     /// TFLite's `MultiplyByQuantizedMultiplier`.
     pub(crate) fn apply(self, x: i32) -> i32 {
-        let left = self.shift.max(0) as u32;
+        // At most 31, as in `Requantization`'s tables (a larger shift overflows anyway).
+        let left = self.shift.clamp(0, 31) as u32;
         let right = (-self.shift).max(0) as u32;
         rounding_divide_by_pot(
             rounding_doubling_high_mul(x.wrapping_shl(left), self.multiplier),
@@ -92,8 +94,10 @@ impl Multiplier {
 ///
 /// Kept as plain arrays, not one enum per channel, so that [`Requantization::store_rows`] is a
 /// straight loop the compiler vectorizes (`vpmuldq` for the 64-bit products, `vpsllvd` /
-/// `vpsravd` for the per-channel shifts), fused with the clamp and the narrowing store. Per channel and in scalar `i64`, it had become a large
-/// share of a convolution model's time once the products themselves were vectorized.
+/// `vpsravd` for the per-channel shifts), fused with the clamp and the narrowing store; on
+/// AVX-512 the same arithmetic is written with intrinsics ([`mod@avx512`]). Per channel and in
+/// scalar `i64`, it had become a large share of a convolution model's time once the products
+/// themselves were vectorized.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum Requantization {
     /// TFLite: [`Multiplier::apply`] for each channel, split into its parts.
@@ -166,8 +170,8 @@ impl Requantization {
 
 /// [`Requantization::store_rows`] with TFLite's fixed-point multipliers (per channel, tiled:
 /// multiplier, left shift, right shift). Compiled for AVX2 and SSE4.1 too, chosen at run time:
-/// every convolution's and fully-connected layer's whole output passes through here. (With
-/// AVX-512, [`avx512::store_fixed_point`] instead.)
+/// the whole output of every convolution and fully-connected layer not requantized in registers
+/// passes through here. (With AVX-512, [`avx512::store_fixed_point`] instead.)
 #[multiversion(targets("x86_64+avx2", "x86_64+sse4.1"))]
 fn store_fixed_point<T: Narrow>(
     acc: &[i32],
@@ -350,7 +354,7 @@ impl Narrow for i16 {
 }
 
 /// `values` clamped to `min..=max` (within `T`'s range) into `out`. Compiled for AVX2 and SSE4.1
-/// too, chosen at run time: every layer's whole output passes through here.
+/// too, chosen at run time: the whole output of ADD and MUL passes through here.
 #[multiversion(targets("x86_64+avx2", "x86_64+sse4.1"))]
 fn narrow<T: Narrow>(values: &[i32], out: &mut [T], [min, max]: [i32; 2]) {
     for (o, &v) in out.iter_mut().zip(values) {
@@ -766,11 +770,13 @@ fn pack_pair(a: i32, b: i32) -> i32 {
 }
 
 /// Where [`Channels::accumulate_pixels`] leaves its pixels' results.
+// Read only by the x86-64 multiply-add modules; elsewhere no packed path exists.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) enum Target<'a> {
     /// Their accumulators: rows of `outputs` that start out holding the bias.
     Accumulators(&'a mut [i32]),
-    /// Their output bytes, rows of `outputs`, requantized in registers: AVX-512 VNNI
-    /// quadruples only, so that no accumulator goes to memory.
+    /// Their output bytes, rows of `outputs`, requantized a register block at a time: AVX-512
+    /// VNNI quadruples only, so that no layer-sized accumulator buffer is written and read back.
     Bytes(&'a mut [u8], &'a Requantized<'a>),
 }
 
@@ -790,6 +796,7 @@ impl<'a> Target<'a> {
 }
 
 /// What [`Target::Bytes`] needs: the accumulators' start and the requantization.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct Requantized<'a> {
     /// [`Channels::bias_for`] the quadruples.
     bias: Vec<i32>,
@@ -1029,11 +1036,12 @@ impl QConv {
         padded
     }
 
-    /// [`depthwise`] on AVX-512 ([`avx512::depthwise`]): the input padded with its zero point
+    /// [`depthwise`] on AVX-512 ([`avx512::Depthwise`]): the input padded with its zero point
     /// as raw bytes (a quarter of the centered `i32` copy), and every register requantized and
     /// stored as the output's bytes once its taps are summed, so no accumulator goes to memory.
     /// `None` where that does not apply: a CPU without AVX-512, other than 8-bit input and
-    /// output, ONNX's float requantization, or a zero point outside the input's type.
+    /// output, ONNX's float requantization, more than [`avx512::MAX_TAPS`] taps, or a zero point
+    /// outside the input's type.
     #[cfg(target_arch = "x86_64")]
     fn depthwise_avx512(
         &self,
@@ -1393,11 +1401,14 @@ const PIXELS: usize = 4;
 /// a time: per pixel, the kernel did too little work for what it cost to set up (the early, wide
 /// layers of a vision model have many pixels and few channels).
 ///
-/// The input is centered and padded once (padding as 0, [`QConv::centered_padded`]), so every
-/// pixel reads whole taps, and packed into words. A channel count the packing's width divides is
-/// packed as the image; another (an RGB first layer), where words would straddle taps, as one
-/// gathered receptive field per output pixel. `offset` makes quadruples' bytes unsigned
-/// ([`Packing::Quads`]). Compiled for AVX2 too, chosen at run time.
+/// The input is centered and padded once (padding as centered zeros), so every pixel reads whole
+/// taps, and packed into words. A channel count the packing's width divides is packed as the
+/// image; another (an RGB first layer), where words would straddle taps, as one gathered
+/// receptive field per output pixel ([`QConv::padded_bytes`] for quadruples,
+/// [`QConv::centered_padded`] for pairs). `offset` makes quadruples' bytes unsigned
+/// ([`Packing::Quads`]). Returns the accumulators; given `bytes` (quadruples only, see
+/// [`IntOutput::produce`]), writes the requantized output there instead and returns none.
+/// Compiled for AVX2 too, chosen at run time.
 #[multiversion(targets("x86_64+avx2"))]
 fn paired_conv<T: Copy + Into<i32>>(
     conv: &QConv,
@@ -1451,8 +1462,8 @@ fn paired_conv<T: Copy + Into<i32>>(
             // last word is filled out with them too.
             let image = conv.padded_bytes(x, n, h, w, offset);
             let zero = offset as u8;
-            let mut bytes = vec![zero; n * oh * ow * words * 4];
-            let mut fields = bytes.chunks_exact_mut(words * 4);
+            let mut gathered = vec![zero; n * oh * ow * words * 4];
+            let mut fields = gathered.chunks_exact_mut(words * 4);
             for b in 0..n {
                 for oy in 0..oh {
                     for ox in 0..ow {
@@ -1471,7 +1482,7 @@ fn paired_conv<T: Copy + Into<i32>>(
                     }
                 }
             }
-            let quads = bytes.chunks_exact(4);
+            let quads = gathered.chunks_exact(4);
             quads
                 .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect()
@@ -1861,11 +1872,6 @@ fn vnni() -> bool {
     false
 }
 
-/// Integer multiply-adds on AVX-512 VNNI: `vpdpbusd` multiplies four unsigned input bytes by four
-/// signed weight bytes and adds the four products into an `i32` lane, four depth rows per
-/// instruction over 16 outputs, where AVX2's `vpmaddwd` takes two rows over 8 outputs. XNNPACK
-/// (LiteRT's CPU kernels) uses it where the CPU has it; with AVX2 pairs alone, the MLPerf Tiny
-/// convolution models took 2.5–3.8× LiteRT's time on such a CPU (2026-11-24).
 /// Requantization on AVX-512, 16 channels per register, written with intrinsics: compiled from
 /// the portable loop, the narrowing store became `vpmovdb` to memory, which on this project's
 /// AMD EPYC VM made the whole pass cost as much as a model's products (2026-11-24, `perf
@@ -2006,11 +2012,14 @@ mod avx512 {
             // Every tap of every pixel, all its channels, lies inside `padded`: checked once here,
             // for the last pixel and the furthest tap, so that the loads of `block` need no check
             // each.
-            let last =
-                (self.pixels.iter().zip(self.steps)).map(|(&count, step)| (count - 1) * step);
+            let last = (self.pixels.iter().zip(self.steps))
+                .try_fold(0usize, |sum, (&count, step)| {
+                    sum.checked_add((count - 1).checked_mul(step)?)
+                });
             let furthest = taps.iter().copied().max().unwrap_or(0);
+            let reach = last.and_then(|last| last.checked_add(furthest)?.checked_add(channels));
             assert!(
-                last.sum::<usize>() + furthest + channels <= self.padded.len(),
+                reach.is_some_and(|reach| reach <= self.padded.len()),
                 "every tap inside the padded input"
             );
             let [zero_point, min, max] = self.output;
@@ -2204,6 +2213,17 @@ mod avx512 {
         }
     }
 
+    /// 16 values within the `i16` range, as the 16 words of a register: by packing, as
+    /// [`narrow_bytes`] does.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn narrow_words(y: __m512i) -> __m256i {
+        // Each 128-bit lane now holds its four values' words in its first 64 bits (repeated).
+        let words = _mm512_packs_epi32(y, y);
+        let first = _mm512_setr_epi64(0, 2, 4, 6, 0, 0, 0, 0);
+        _mm512_castsi512_si256(_mm512_permutexvar_epi64(first, words))
+    }
+
     /// 16 values already within `T`'s range, narrowed and stored.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
@@ -2214,14 +2234,19 @@ mod avx512 {
         // writes; unaligned stores.
         unsafe {
             match size_of::<T>() {
-                1 => _mm_storeu_si128(out.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(y)),
-                2 => _mm256_storeu_si256(out.as_mut_ptr().cast(), _mm512_cvtepi32_epi16(y)),
+                1 => _mm_storeu_si128(out.as_mut_ptr().cast(), narrow_bytes(y)),
+                2 => _mm256_storeu_si256(out.as_mut_ptr().cast(), narrow_words(y)),
                 _ => unreachable!("outputs are 8- or 16-bit"),
             }
         }
     }
 }
 
+/// Integer multiply-adds on AVX-512 VNNI: `vpdpbusd` multiplies four unsigned input bytes by four
+/// signed weight bytes and adds the four products into an `i32` lane, four depth rows per
+/// instruction over 16 outputs, where AVX2's `vpmaddwd` takes two rows over 8 outputs. XNNPACK
+/// (LiteRT's CPU kernels) uses it where the CPU has it; with AVX2 pairs alone, the MLPerf Tiny
+/// convolution models took 2.5–3.8× LiteRT's time on such a CPU (2026-11-24).
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use super::Target;
@@ -3082,6 +3107,48 @@ mod tests {
         unsigned: bool,
         uint8_weights: bool,
     ) {
+        let output = IntOutput {
+            zero_point: -4,
+            min: -128,
+            max: 127,
+            dt: DatumType::I8,
+        };
+        paired_convolution_into(case, unsigned, uint8_weights, output);
+    }
+
+    #[test]
+    fn convolutions_into_16_bit_outputs_match_the_direct_sum() {
+        // Not 8-bit outputs, so quadruples leave accumulators (24 outputs: a whole register and
+        // a masked half) for the requantizing pass, as pairs do; a ReLU-like clamp.
+        let output = IntOutput {
+            zero_point: -4,
+            min: -4,
+            max: i32::from(i16::MAX),
+            dt: DatumType::I16,
+        };
+        for (cin, outputs, uint8_weights) in [(4, 24, false), (3, 24, false), (4, 40, true)] {
+            let case = Geometry {
+                cin,
+                stride: 2,
+                h: 9,
+                w: 11,
+                outputs,
+                batch: 1,
+                dilation: 1,
+            };
+            for unsigned in [false, true] {
+                paired_convolution_into(case, unsigned, uint8_weights, output.clone());
+            }
+        }
+    }
+
+    /// [`paired_convolution_matches_the_direct_sum`] into `output` (8- or 16-bit).
+    fn paired_convolution_into(
+        case: Geometry,
+        unsigned: bool,
+        uint8_weights: bool,
+        output: IntOutput,
+    ) {
         let Geometry {
             cin,
             h,
@@ -3113,12 +3180,7 @@ mod tests {
             None
         };
         assert_eq!(channels.packing::<u8>(offset), expected_packing);
-        let output = IntOutput {
-            zero_point: -4,
-            min: -128,
-            max: 127,
-            dt: DatumType::I8,
-        };
+        let (zero_point, min, max, dt) = (output.zero_point, output.min, output.max, output.dt);
         let conv = same_conv(channels, output, case, 1);
         let (lo, hi) = if unsigned { (0, 255) } else { (-128, 127) };
         let x: Vec<i32> = values(batch * h * w * cin, 33, lo, hi)
@@ -3135,12 +3197,18 @@ mod tests {
         };
         let expected: Vec<u8> = direct_conv(&conv, case, (&x, x_zp), (&weights, &[]), &bias)
             .into_iter()
-            .map(|acc| {
-                let y = Multiplier::new(0.5 * 0.01 / 0.3).apply(acc) - 4;
-                y.clamp(-128, 127) as i8 as u8
+            .flat_map(|acc| {
+                let y = (Multiplier::new(0.5 * 0.01 / 0.3).apply(acc) + zero_point).clamp(min, max);
+                match dt {
+                    DatumType::I16 => (y as i16).to_le_bytes().to_vec(),
+                    _ => vec![y as i8 as u8],
+                }
             })
             .collect();
-        assert_eq!(out, expected, "{case:?}, unsigned input: {unsigned}");
+        assert_eq!(
+            out, expected,
+            "{case:?}, unsigned input: {unsigned}, {dt:?}"
+        );
     }
 
     #[test]
@@ -3211,6 +3279,60 @@ mod tests {
         assert_eq!(portable.as_bytes(), &unsigned[..], "{what}, portable");
         let portable = stored(depthwise(&conv, &signed, batch, h, w_));
         assert_eq!(portable.as_bytes(), &out[..], "{what}, portable");
+    }
+
+    #[test]
+    fn int8_depthwise_convolutions_into_int8_outputs_match_the_direct_sum() {
+        // Negative outputs through the narrowing, and input zero points at both ends of int8
+        // (the padding bytes then -128 and 127).
+        let case = Geometry {
+            cin: 24,
+            stride: 1,
+            h: 5,
+            w: 6,
+            outputs: 24,
+            batch: 1,
+            dilation: 1,
+        };
+        let w = values(24 * 9, 41, -128, 127);
+        let bias = values(24, 42, -5000, 5000);
+        let raw: Vec<i8> = w.iter().map(|&v| v as i8).collect();
+        let weights = Tensor::from_shape(&[24, 9], &raw).unwrap();
+        let output = IntOutput {
+            zero_point: -5,
+            min: -128,
+            max: 127,
+            dt: DatumType::I8,
+        };
+        for x_zp in [-128, 127, -3] {
+            let bias_t = tensor1(&bias);
+            let channels =
+                Channels::new(&weights, Some(&bias_t), x_zp, 0.5, &[0.01], &[0], 0.3).unwrap();
+            let conv = same_conv(channels, output.clone(), case, 24);
+            let x = values(5 * 6 * 24, 43, -128, 127);
+            let signed: Vec<i8> = x.iter().map(|&v| v as i8).collect();
+            let expected: Vec<u8> = direct_conv(&conv, case, (&x, x_zp), (&w, &[]), &bias)
+                .into_iter()
+                .map(|acc| {
+                    let y = Multiplier::new(0.5 * 0.01 / 0.3).apply(acc) - 5;
+                    y.clamp(-128, 127) as i8 as u8
+                })
+                .collect();
+            assert!(expected.iter().any(|&y| (y as i8) < 0), "negative outputs");
+            let out = eval_on(&conv, &[1, 5, 6, 24], &signed);
+            assert_eq!(out, expected, "input zero point {x_zp}");
+            let acc = depthwise(&conv, &signed, 1, 5, 6);
+            let requantization = Some(&conv.channels.requantization);
+            let portable = conv
+                .output
+                .store(&acc, &[1, 5, 6, 24], requantization)
+                .unwrap();
+            assert_eq!(
+                portable.as_bytes(),
+                &expected[..],
+                "input zero point {x_zp}, portable"
+            );
+        }
     }
 
     #[test]
