@@ -3113,7 +3113,34 @@ mod tests {
             max: 127,
             dt: DatumType::I8,
         };
-        paired_convolution_into(case, unsigned, uint8_weights, output);
+        let x_zp = if unsigned { 131 } else { -9 };
+        paired_convolution_into(case, (unsigned, x_zp), uint8_weights, output);
+    }
+
+    #[test]
+    fn quadruples_take_input_zero_points_at_both_ends() {
+        // Offsets (`quad_offset`) 0 and 255: int8 zero points -128 and 127, uint8 0 and 255; the
+        // image packed tapwise (4 channels) and gathered (3).
+        let output = IntOutput {
+            zero_point: -4,
+            min: -128,
+            max: 127,
+            dt: DatumType::I8,
+        };
+        for cin in [4, 3] {
+            let case = Geometry {
+                cin,
+                stride: 1,
+                h: 6,
+                w: 7,
+                outputs: 24,
+                batch: 1,
+                dilation: 1,
+            };
+            for input in [(false, -128), (false, 127), (true, 0), (true, 255)] {
+                paired_convolution_into(case, input, false, output.clone());
+            }
+        }
     }
 
     #[test]
@@ -3137,15 +3164,17 @@ mod tests {
                 dilation: 1,
             };
             for unsigned in [false, true] {
-                paired_convolution_into(case, unsigned, uint8_weights, output.clone());
+                let x_zp = if unsigned { 131 } else { -9 };
+                paired_convolution_into(case, (unsigned, x_zp), uint8_weights, output.clone());
             }
         }
     }
 
-    /// [`paired_convolution_matches_the_direct_sum`] into `output` (8- or 16-bit).
+    /// [`paired_convolution_matches_the_direct_sum`] with input zero point `x_zp` into `output`
+    /// (8- or 16-bit).
     fn paired_convolution_into(
         case: Geometry,
-        unsigned: bool,
+        (unsigned, x_zp): (bool, i32),
         uint8_weights: bool,
         output: IntOutput,
     ) {
@@ -3168,7 +3197,6 @@ mod tests {
             let raw: Vec<i8> = weights.iter().map(|&v| v as i8).collect();
             Tensor::from_shape(&[out_channels, depth], &raw).unwrap()
         };
-        let x_zp = if unsigned { 131 } else { -9 };
         let channels =
             Channels::new(&raw, Some(&tensor1(&bias)), x_zp, 0.5, &[0.01], &[0], 0.3).unwrap();
         let offset = if unsigned { x_zp } else { x_zp + 128 };
@@ -3279,6 +3307,79 @@ mod tests {
         assert_eq!(portable.as_bytes(), &unsigned[..], "{what}, portable");
         let portable = stored(depthwise(&conv, &signed, batch, h, w_));
         assert_eq!(portable.as_bytes(), &out[..], "{what}, portable");
+    }
+
+    #[test]
+    fn depthwise_geometries_match_the_direct_sum() {
+        // Kernels, stride, dilation, SAME or VALID, channels: dilation 2 with stride 1, VALID
+        // padding, non-square kernels, 16 taps (held as 25 with 9 of weight 0), 17 channels (a
+        // register and one masked lane).
+        let cases = [
+            ([3, 3], 1, 2, true, 24),
+            ([3, 1], 1, 1, false, 16),
+            ([1, 3], 2, 1, true, 8),
+            ([4, 4], 1, 1, false, 20),
+            ([2, 2], 2, 1, true, 17),
+        ];
+        for ([kh, kw], stride, dilation, same, ch) in cases {
+            let (h, w) = (9, 8);
+            let case = Geometry {
+                cin: ch,
+                stride,
+                h,
+                w,
+                outputs: ch,
+                batch: 1,
+                dilation,
+            };
+            let weights = values(ch * kh * kw, 51, 0, 255);
+            let bias = values(ch, 52, -5000, 5000);
+            let raw: Vec<u8> = weights.iter().map(|&v| v as u8).collect();
+            let tensor = Tensor::from_shape(&[ch, kh * kw], &raw).unwrap();
+            let bias_t = tensor1(&bias);
+            let channels =
+                Channels::new(&tensor, Some(&bias_t), X_ZP, 0.5, &[0.01], &[0], 0.3).unwrap();
+            let (oh, pad_y) = QConv::geometry(h, kh, stride, dilation, same);
+            let (ow, pad_x) = QConv::geometry(w, kw, stride, dilation, same);
+            let conv = QConv {
+                channels,
+                output: u8_output(),
+                kernel: [kh, kw],
+                strides: [stride; 2],
+                dilations: [dilation; 2],
+                pad_before: [pad_y, pad_x],
+                out_hw: [oh, ow],
+                groups: ch,
+                in_channels: ch,
+            };
+            let x = input(h * w * ch, 53);
+            let signed: Vec<i8> = x.iter().map(|&v| v as i8).collect();
+            let what = format!("{kh}x{kw}, stride {stride}, dilation {dilation}, same {same}");
+            let requantization = Some(&conv.channels.requantization);
+            let shape = [1, oh, ow, ch];
+            let unsigned: Vec<i32> = x.iter().map(|&v| i32::from(v)).collect();
+            let expected = direct_conv(&conv, case, (&unsigned, X_ZP), (&weights, &[]), &bias);
+            let expected: Vec<u8> = (expected.into_iter())
+                .map(|acc| reference_output(acc, 0.5 * 0.01 / 0.3, 120))
+                .collect();
+            assert_eq!(eval_on(&conv, &[1, h, w, ch], &x), expected, "{what}");
+            let portable = depthwise(&conv, &x, 1, h, w);
+            let portable = conv
+                .output
+                .store(&portable, &shape, requantization)
+                .unwrap();
+            assert_eq!(portable.as_bytes(), &expected[..], "{what}, portable");
+            let codes: Vec<i32> = signed.iter().map(|&v| i32::from(v)).collect();
+            let expected = direct_conv(&conv, case, (&codes, X_ZP), (&weights, &[]), &bias);
+            let expected: Vec<u8> = (expected.into_iter())
+                .map(|acc| reference_output(acc, 0.5 * 0.01 / 0.3, 120))
+                .collect();
+            assert_eq!(
+                eval_on(&conv, &[1, h, w, ch], &signed),
+                expected,
+                "{what}, int8"
+            );
+        }
     }
 
     #[test]
