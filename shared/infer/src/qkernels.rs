@@ -76,11 +76,15 @@ impl Multiplier {
         }
     }
 
+    /// The shift as a left and a right shift, one of them 0. The left one is at most 31, where
+    /// every way of shifting agrees (a larger one overflows anyway).
+    fn shifts(self) -> (u32, u32) {
+        (self.shift.clamp(0, 31) as u32, (-self.shift).max(0) as u32)
+    }
+
     /// TFLite's `MultiplyByQuantizedMultiplier`.
     pub(crate) fn apply(self, x: i32) -> i32 {
-        // At most 31, as in `Requantization`'s tables (a larger shift overflows anyway).
-        let left = self.shift.clamp(0, 31) as u32;
-        let right = (-self.shift).max(0) as u32;
+        let (left, right) = self.shifts();
         rounding_divide_by_pot(
             rounding_doubling_high_mul(x.wrapping_shl(left), self.multiplier),
             right,
@@ -125,10 +129,10 @@ impl Requantization {
     fn fixed_point(multipliers: impl Iterator<Item = Multiplier>) -> Self {
         let (mut multiplier, mut left, mut right) = (Vec::new(), Vec::new(), Vec::new());
         for m in multipliers {
+            let (l, r) = m.shifts();
             multiplier.push(m.multiplier);
-            // At most 31, where every way of shifting agrees (the result overflows anyway).
-            left.push(m.shift.clamp(0, 31) as u32);
-            right.push((-m.shift).max(0) as u32);
+            left.push(l);
+            right.push(r);
         }
         Requantization::FixedPoint {
             multiplier: tiled(multiplier),
@@ -141,30 +145,38 @@ impl Requantization {
         Requantization::Float(tiled(scales.map(f32::to_bits).collect()))
     }
 
-    /// Requantizes `acc` (whole rows of every channel: `acc.len()` a multiple of the channel
-    /// count), adds `zero_point`, clamps to `min..=max` (within `T`'s range) and stores the
-    /// results as `T` in `out`: one pass over a layer's accumulators, a tile at a time.
-    fn store_rows<T: Narrow>(&self, acc: &[i32], out: &mut [T], zero_point: i32, range: [i32; 2]) {
+    /// The fixed-point tables (multiplier, left shift, right shift), if TFLite's.
+    fn tiles(&self) -> Option<(&[i32], &[u32], &[u32])> {
         match self {
             Requantization::FixedPoint {
                 multiplier,
                 left,
                 right,
-            } => {
-                let channels = (&multiplier[..], &left[..], &right[..]);
-                #[cfg(target_arch = "x86_64")]
-                if avx512() {
-                    // SAFETY: AVX-512F, BW and VL are available (checked just above).
-                    #[allow(unsafe_code)]
-                    unsafe {
-                        avx512::store_fixed_point(acc, out, channels, zero_point, range)
-                    };
-                    return;
-                }
-                store_fixed_point(acc, out, channels, zero_point, range)
-            }
-            Requantization::Float(bits) => store_float(acc, out, bits, zero_point, range),
+            } => Some((multiplier, left, right)),
+            Requantization::Float(_) => None,
         }
+    }
+
+    /// Requantizes `acc` (whole rows of every channel: `acc.len()` a multiple of the channel
+    /// count), adds `zero_point`, clamps to `min..=max` (within `T`'s range) and stores the
+    /// results as `T` in `out`: one pass over a layer's accumulators, a tile at a time.
+    fn store_rows<T: Narrow>(&self, acc: &[i32], out: &mut [T], zero_point: i32, range: [i32; 2]) {
+        let Some(channels) = self.tiles() else {
+            if let Requantization::Float(bits) = self {
+                store_float(acc, out, bits, zero_point, range);
+            }
+            return;
+        };
+        #[cfg(target_arch = "x86_64")]
+        if avx512() {
+            // SAFETY: AVX-512F, BW and VL are available (checked just above).
+            #[allow(unsafe_code)]
+            unsafe {
+                avx512::store_fixed_point(acc, out, channels, zero_point, range)
+            };
+            return;
+        }
+        store_fixed_point(acc, out, channels, zero_point, range)
     }
 }
 
@@ -658,6 +670,15 @@ impl Channels {
         }
     }
 
+    /// [`Channels::packing`] for inputs of datum type `dt` (8-bit ones only).
+    fn packing_for(&self, dt: DatumType, offset: i32) -> Option<Packing> {
+        match dt {
+            DatumType::I8 => self.packing::<i8>(offset),
+            DatumType::U8 => self.packing::<u8>(offset),
+            _ => None,
+        }
+    }
+
     /// What makes inputs of type `dt` unsigned bytes in quadruples ([`Packing::Quads`] holds
     /// `x - x_zp + offset`): `x + 128` for i8, `x` itself for u8; 0 for wider types, which never
     /// take them.
@@ -810,18 +831,11 @@ impl<'a> Requantized<'a> {
     /// For `c`'s quadruples with `offset` into `output`, where its results can be requantized in
     /// registers: on AVX-512 VNNI, fixed-point requantization (TFLite's), 8-bit outputs.
     fn new(c: &'a Channels, offset: i32, output: &IntOutput) -> Option<Self> {
-        let Requantization::FixedPoint {
-            multiplier,
-            left,
-            right,
-        } = &c.requantization
-        else {
-            return None;
-        };
+        let tiles = c.requantization.tiles()?;
         let bytes = matches!(output.dt, DatumType::I8 | DatumType::U8);
         (bytes && !c.weight_quads.is_empty()).then(|| Requantized {
             bias: c.bias_for(Packing::Quads, offset),
-            tiles: (multiplier, left, right),
+            tiles,
             output: [output.zero_point, output.min, output.max],
         })
     }
@@ -858,12 +872,10 @@ impl EvalOp for QFullyConnected {
         let bytes = input.as_bytes();
         let dt = input.datum_type().unquantized();
         let offset = c.quad_offset(dt);
-        let quads = match dt {
-            DatumType::I8 => c.packing::<i8>(offset),
-            DatumType::U8 => c.packing::<u8>(offset),
-            _ => None,
-        } == Some(Packing::Quads);
-        let requantized = Requantized::new(c, offset, &self.output).filter(|_| quads);
+        let quads = c.packing_for(dt, offset) == Some(Packing::Quads);
+        let requantized = quads
+            .then(|| Requantized::new(c, offset, &self.output))
+            .flatten();
         let shape = [rows, c.outputs];
         let out = self.output.produce(&shape, c, requantized.as_ref(), |to| {
             Ok(match dt {
@@ -1020,16 +1032,29 @@ impl QConv {
         h: usize,
         w: usize,
     ) -> Vec<i32> {
+        let zp = self.channels.x_zero_point;
+        self.padded_with(x, [n, h, w], 0, |v| v.into() - zp)
+    }
+
+    /// `x` (NHWC) mapped value by value into [`QConv::padded_size`], the padding `fill`.
+    #[inline(always)]
+    fn padded_with<T: Copy, U: Copy>(
+        &self,
+        x: &[T],
+        [n, h, w]: [usize; 3],
+        fill: U,
+        map: impl Fn(T) -> U,
+    ) -> Vec<U> {
         let (hp, wp) = self.padded_size(h, w);
         let [pad_y, pad_x] = self.pad_before;
-        let (ch, zp) = (self.in_channels, self.channels.x_zero_point);
-        let mut padded = vec![0i32; n * hp * wp * ch];
+        let ch = self.in_channels;
+        let mut padded = vec![fill; n * hp * wp * ch];
         for b in 0..n {
             for y in 0..h {
                 let from = (b * h + y) * w * ch;
                 let to = ((b * hp + y + pad_y) * wp + pad_x) * ch;
                 for (p, &v) in padded[to..to + w * ch].iter_mut().zip(&x[from..]) {
-                    *p = v.into() - zp;
+                    *p = map(v);
                 }
             }
         }
@@ -1049,12 +1074,7 @@ impl QConv {
         [n, h, w]: [usize; 3],
     ) -> TractResult<Option<Tensor>> {
         let c = &self.channels;
-        let Requantization::FixedPoint {
-            multiplier,
-            left,
-            right,
-        } = &c.requantization
-        else {
+        let Some(tiles) = c.requantization.tiles() else {
             return Ok(None);
         };
         let zp = c.x_zero_point;
@@ -1073,17 +1093,8 @@ impl QConv {
         let [oh, ow] = self.out_hw;
         let [sy, sx] = self.strides;
         let [dy, dx] = self.dilations;
-        let [pad_y, pad_x] = self.pad_before;
         let (hp, wp) = self.padded_size(h, w);
-        let x = input.as_bytes();
-        let mut padded = vec![padding; n * hp * wp * ch];
-        for b in 0..n {
-            for y in 0..h {
-                let from = (b * h + y) * w * ch;
-                let to = ((b * hp + y + pad_y) * wp + pad_x) * ch;
-                padded[to..to + w * ch].copy_from_slice(&x[from..from + w * ch]);
-            }
-        }
+        let padded = self.padded_with(input.as_bytes(), [n, h, w], padding, |v| v);
         let taps: Vec<usize> = (0..kh)
             .flat_map(|ky| (0..kw).map(move |kx| (ky * dy * wp + kx * dx) * ch))
             .collect();
@@ -1104,7 +1115,7 @@ impl QConv {
             channels: ch,
             weights: &c.weights_t,
             bias: &bias,
-            tiles: (multiplier, left, right),
+            tiles,
             output: [self.output.zero_point, self.output.min, self.output.max],
         };
         let mut out = Tensor::zero_dt(self.output.dt, &[n, oh, ow, ch])?;
@@ -1135,21 +1146,8 @@ impl QConv {
         w: usize,
         offset: i32,
     ) -> Vec<u8> {
-        let (hp, wp) = self.padded_size(h, w);
-        let [pad_y, pad_x] = self.pad_before;
-        let ch = self.in_channels;
         let shift = offset - self.channels.x_zero_point;
-        let mut padded = vec![offset as u8; n * hp * wp * ch];
-        for b in 0..n {
-            for y in 0..h {
-                let from = (b * h + y) * w * ch;
-                let to = ((b * hp + y + pad_y) * wp + pad_x) * ch;
-                for (p, &v) in padded[to..to + w * ch].iter_mut().zip(&x[from..]) {
-                    *p = (v.into() + shift) as u8;
-                }
-            }
-        }
-        padded
+        self.padded_with(x, [n, h, w], offset as u8, |v| (v.into() + shift) as u8)
     }
 
     /// The input position a kernel tap reads for an output position, if inside the input.
@@ -1573,14 +1571,13 @@ impl EvalOp for QConv {
         }
         let dt = input.datum_type().unquantized();
         let offset = self.channels.quad_offset(dt);
-        let packing = match dt {
-            _ if self.groups != 1 => None,
-            DatumType::I8 => self.channels.packing::<i8>(offset),
-            DatumType::U8 => self.channels.packing::<u8>(offset),
-            _ => None,
-        };
+        let packing = (self.groups == 1)
+            .then(|| self.channels.packing_for(dt, offset))
+            .flatten();
         let quads = !channel_wise && packing == Some(Packing::Quads);
-        let requantized = Requantized::new(&self.channels, offset, &self.output).filter(|_| quads);
+        let requantized = quads
+            .then(|| Requantized::new(&self.channels, offset, &self.output))
+            .flatten();
         // 8-bit values are read in place.
         let bytes = input.as_bytes();
         let [oh, ow] = self.out_hw;
@@ -2725,16 +2722,8 @@ mod tests {
             assert!(clamped.contains(&0) && clamped.contains(&100));
             assert!(clamped.iter().any(|&y| y != 0 && y != 100));
             // The portable loop too, which `store_rows` passes over on a CPU with AVX-512.
-            let Requantization::FixedPoint {
-                multiplier,
-                left,
-                right,
-            } = &requantization
-            else {
-                unreachable!("built fixed-point")
-            };
+            let tiles = requantization.tiles().expect("built fixed-point");
             let mut portable = vec![0i8; accs.len()];
-            let tiles = (&multiplier[..], &left[..], &right[..]);
             store_fixed_point(&accs, &mut portable, tiles, 7, [0, 100]);
             assert_eq!(portable, clamped, "{channels} channels, portable");
         }
