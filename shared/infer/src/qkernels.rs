@@ -890,20 +890,12 @@ impl EvalOp for QFullyConnected {
 
 /// `i8` values as their bytes.
 fn bytemuck_u8_mut(values: &mut [i8]) -> &mut [u8] {
-    #[allow(unsafe_code)]
-    // SAFETY: i8 and u8 have the same size and alignment, and every bit pattern is valid for both.
-    unsafe {
-        std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), values.len())
-    }
+    bytemuck::cast_slice_mut(values)
 }
 
 /// Bytes as the `i8` values they hold.
 fn bytemuck_i8(bytes: &[u8]) -> &[i8] {
-    #[allow(unsafe_code)]
-    // SAFETY: i8 and u8 have the same size and alignment, and every bit pattern is valid for both.
-    unsafe {
-        std::slice::from_raw_parts(bytes.as_ptr().cast::<i8>(), bytes.len())
-    }
+    bytemuck::cast_slice(bytes)
 }
 
 /// The rows of a fully-connected layer, as accumulators: on AVX-512 VNNI quadruples where
@@ -1046,9 +1038,24 @@ impl QConv {
         map: impl Fn(T) -> U,
     ) -> Vec<U> {
         let (hp, wp) = self.padded_size(h, w);
+        let mut padded = vec![fill; n * hp * wp * self.in_channels];
+        self.pad_into(x, [n, h, w], &mut padded, map);
+        padded
+    }
+
+    /// [`QConv::padded_with`] into `padded`, whose padding is already filled.
+    #[inline(always)]
+    fn pad_into<T: Copy, U: Copy>(
+        &self,
+        x: &[T],
+        [n, h, w]: [usize; 3],
+        padded: &mut [U],
+        map: impl Fn(T) -> U,
+    ) {
+        let (hp, wp) = self.padded_size(h, w);
         let [pad_y, pad_x] = self.pad_before;
         let ch = self.in_channels;
-        let mut padded = vec![fill; n * hp * wp * ch];
+        assert_eq!(padded.len(), n * hp * wp * ch, "a padded image");
         for b in 0..n {
             for y in 0..h {
                 let from = (b * h + y) * w * ch;
@@ -1058,7 +1065,6 @@ impl QConv {
                 }
             }
         }
-        padded
     }
 
     /// [`depthwise`] on AVX-512 ([`avx512::Depthwise`]): the input padded with its zero point
@@ -1148,6 +1154,31 @@ impl QConv {
     ) -> Vec<u8> {
         let shift = offset - self.channels.x_zero_point;
         self.padded_with(x, [n, h, w], offset as u8, |v| (v.into() + shift) as u8)
+    }
+
+    /// [`QConv::padded_bytes`] as the words of [`Packing::Quads`], for a channel count that 4
+    /// divides: since a quadruple's bytes are its inputs' own bytes mapped one by one (`x` itself
+    /// for u8, `x ^ 0x80` for i8, see [`Channels::quad_offset`]), the image is written as bytes
+    /// and read as words, with no packing pass. (Words are little-endian, as [`Packing::word`]
+    /// makes them; quadruples exist only on x86-64.)
+    #[inline(always)]
+    fn padded_quads<T: Copy + Into<i32>>(
+        &self,
+        x: &[T],
+        [n, h, w]: [usize; 3],
+        offset: i32,
+    ) -> Vec<i32> {
+        assert!(
+            self.in_channels.is_multiple_of(4),
+            "whole quadruples per pixel"
+        );
+        let (hp, wp) = self.padded_size(h, w);
+        let padding = Packing::Quads.word(&[0; 4], offset);
+        let mut image = vec![padding; n * hp * wp * self.in_channels / 4];
+        let shift = offset - self.channels.x_zero_point;
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut image);
+        self.pad_into(x, [n, h, w], bytes, |v| (v.into() + shift) as u8);
+        image
     }
 
     /// The input position a kernel tap reads for an output position, if inside the input.
@@ -1438,7 +1469,9 @@ fn paired_conv<T: Copy + Into<i32>>(
         let per_tap = cin / width;
         let words = c.depth.div_ceil(width);
         let (hp, wp) = conv.padded_size(h, w);
-        let packed = if tapwise {
+        let packed = if tapwise && packing == Packing::Quads {
+            conv.padded_quads(x, [n, h, w], offset)
+        } else if tapwise {
             // Packed straight from the input, row by row, into an image whose padding words hold
             // centered zeros.
             let [pad_y, pad_x] = conv.pad_before;
@@ -1702,19 +1735,71 @@ impl QAdd {
     }
 }
 
-/// [`QAdd`] over two equally long runs of input values. Compiled for AVX-512, AVX2 and SSE4.1
-/// too, chosen at run time.
+/// [`QAdd`] over two equally long runs of input values, clamped and stored as the output type.
+/// Compiled for AVX-512, AVX2 and SSE4.1 too, chosen at run time; where both inputs are 8-bit and
+/// of the same shape, [`avx512::add`] instead.
 #[multiversion(targets(
     "x86_64+avx2+avx512f+avx512bw+avx512vl",
     "x86_64+avx2",
     "x86_64+sse4.1"
 ))]
-fn add<A: Copy + Into<i32>, B: Copy + Into<i32>>(op: &QAdd, a: &[A], b: &[B]) -> Vec<i32> {
-    let mut out = vec![0; a.len()];
+fn add<A: Copy + Into<i32>, B: Copy + Into<i32>, T: Narrow>(
+    op: &QAdd,
+    a: &[A],
+    b: &[B],
+    out: &mut [T],
+) {
+    let (min, max) = (op.output.min, op.output.max);
     for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
-        *o = op.combine(x.into(), y.into());
+        *o = T::narrow(op.combine(x.into(), y.into()).clamp(min, max));
     }
-    out
+}
+
+impl QAdd {
+    /// The sum (or difference) of `a` and `b`, of the same shape or broadcast, into `out` (as
+    /// many values as the broadcast shape holds).
+    fn write<T: Narrow>(&self, a: &Tensor, b: &Tensor, out: &mut [T]) -> TractResult<()> {
+        if a.shape() != b.shape() {
+            let (xa, xb) = broadcast_pair(a, b)?;
+            let (xa, xb) = (xa.as_slice(), xb.as_slice());
+            add(
+                self,
+                xa.context("broadcast operand")?,
+                xb.context("broadcast operand")?,
+                out,
+            );
+            return Ok(());
+        }
+        // The common case (residual connections): no broadcasting, straight over the bytes.
+        let (xa, xb) = (a.as_bytes(), b.as_bytes());
+        let signed = |t: &Tensor| t.datum_type().unquantized() == DatumType::I8;
+        #[cfg(target_arch = "x86_64")]
+        if avx512() {
+            // SAFETY: AVX-512F, BW and VL are available (checked just above).
+            #[allow(unsafe_code)]
+            unsafe {
+                match (signed(a), signed(b)) {
+                    (true, true) => avx512::add::<true, true, T>(self, xa, xb, out),
+                    (true, false) => avx512::add::<true, false, T>(self, xa, xb, out),
+                    (false, true) => avx512::add::<false, true, T>(self, xa, xb, out),
+                    (false, false) => avx512::add::<false, false, T>(self, xa, xb, out),
+                }
+            }
+            return Ok(());
+        }
+        add_bytes(self, (xa, signed(a)), (xb, signed(b)), out);
+        Ok(())
+    }
+}
+
+/// [`add`] over two runs of 8-bit values, each signed or not.
+fn add_bytes<T: Narrow>(op: &QAdd, (a, sa): (&[u8], bool), (b, sb): (&[u8], bool), out: &mut [T]) {
+    match (sa, sb) {
+        (true, true) => add(op, bytemuck_i8(a), bytemuck_i8(b), out),
+        (true, false) => add(op, bytemuck_i8(a), b, out),
+        (false, true) => add(op, a, bytemuck_i8(b), out),
+        (false, false) => add(op, a, b, out),
+    }
 }
 
 impl Op for QAdd {
@@ -1739,29 +1824,19 @@ impl EvalOp for QAdd {
                 && matches!(db.unquantized(), DatumType::I8 | DatumType::U8),
             "QAdd takes 8-bit inputs"
         );
-        if a.shape() == b.shape() {
-            // The common case (residual connections): no broadcasting, straight over the bytes.
-            let (xa, xb) = (a.as_bytes(), b.as_bytes());
-            let values = match (da.unquantized(), db.unquantized()) {
-                (DatumType::I8, DatumType::I8) => add(self, bytemuck_i8(xa), bytemuck_i8(xb)),
-                (DatumType::U8, DatumType::U8) => add(self, xa, xb),
-                (DatumType::I8, _) => add(self, bytemuck_i8(xa), xb),
-                _ => add(self, xa, bytemuck_i8(xb)),
-            };
-            return Ok(tvec!(
-                self.output.store(&values, a.shape(), None)?.into_tvalue()
-            ));
+        let shape = tract_core::broadcast::multi_broadcast(&[a.shape(), b.shape()])
+            .context("operands do not broadcast")?;
+        let mut out = Tensor::zero_dt(self.output.dt, &shape)?;
+        {
+            let mut view = out.try_as_plain_ram_mut()?;
+            match self.output.dt {
+                DatumType::I8 => self.write(a, b, view.as_slice_mut::<i8>()?)?,
+                DatumType::U8 => self.write(a, b, view.as_slice_mut::<u8>()?)?,
+                DatumType::I16 => self.write(a, b, view.as_slice_mut::<i16>()?)?,
+                dt => bail!("unsupported integer output {dt:?}"),
+            }
         }
-        let (xa, xb) = broadcast_pair(a, b)?;
-        let shape = xa.shape().to_vec();
-        let values = add(
-            self,
-            xa.as_slice().context("broadcast operand")?,
-            xb.as_slice().context("broadcast operand")?,
-        );
-        Ok(tvec!(
-            self.output.store(&values, &shape, None)?.into_tvalue()
-        ))
+        Ok(tvec!(out.into_tvalue()))
     }
 }
 
@@ -2125,12 +2200,7 @@ mod avx512 {
     /// Shift counts as the `i32` lanes the shift instructions read (all below 32).
     #[inline(always)]
     pub(super) fn bytemuck_u32(values: &[u32]) -> &[i32] {
-        // SAFETY: u32 and i32 have the same size and alignment, and every bit pattern is valid
-        // for both.
-        #[allow(unsafe_code)]
-        unsafe {
-            std::slice::from_raw_parts(values.as_ptr().cast::<i32>(), values.len())
-        }
+        bytemuck::cast_slice(values)
     }
 
     /// 16 values within `0..=255` or `-128..=127`, as the 16 bytes of a register (two's
@@ -2157,7 +2227,16 @@ mod avx512 {
         right: __m512i,
         c: &Constants,
     ) -> __m512i {
-        let x = _mm512_sllv_epi32(acc, left);
+        let y = multiply(acc, multiplier, left, right);
+        let y = _mm512_add_epi32(y, c.zero_point);
+        _mm512_max_epi32(_mm512_min_epi32(y, c.max), c.min)
+    }
+
+    /// [`super::Multiplier::apply`] on 16 lanes, each with its own multiplier and shifts.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn multiply(x: __m512i, multiplier: __m512i, left: __m512i, right: __m512i) -> __m512i {
+        let x = _mm512_sllv_epi32(x, left);
         // The rounding doubling high multiply, `(x·m + 2^30) >> 31`, on the even lanes and on the
         // odd ones (moved down) as 64-bit products; the even results are taken from their low
         // halves, the odd ones from their high halves, after a shift by one instead of 31.
@@ -2173,9 +2252,157 @@ mod avx512 {
         let threshold = _mm512_add_epi32(_mm512_srai_epi32(mask, 1), _mm512_srli_epi32(high, 31));
         let shifted = _mm512_srav_epi32(high, right);
         let up = _mm512_cmpgt_epi32_mask(remainder, threshold);
-        let y = _mm512_mask_add_epi32(shifted, up, shifted, one);
-        let y = _mm512_add_epi32(y, c.zero_point);
-        _mm512_max_epi32(_mm512_min_epi32(y, c.max), c.min)
+        _mm512_mask_add_epi32(shifted, up, shifted, one)
+    }
+
+    /// One 8-bit input of [`super::QAdd`] brought to TFLite's shared scale,
+    /// `multiplier.apply((x - zero_point) << 20)`, bit for bit in 11 instructions where the
+    /// general [`multiply`] takes 21: the input is small enough for 32-bit products.
+    struct Rescale {
+        zero_point: __m512i,
+        /// The multiplier `m` as `high · 2^11 + low`.
+        high: __m512i,
+        low: __m512i,
+        /// `2^(right - 1)`, or 0 where the right shift is 0.
+        half: __m512i,
+        /// The right shift; and 31 to take the sign bit for the rounding, or 32 (which shifts
+        /// it out) where there is no rounding.
+        right: __m128i,
+        sign: __m128i,
+    }
+
+    impl Rescale {
+        /// `None` where the fast form might not be exact: a zero point beyond ±255 (within it,
+        /// `|x - zero point|` stays below the 2^10 the form needs) or a multiplier that shifts
+        /// left (never the case for ADD's inputs, whose multipliers are at most 0.5).
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        fn new(zero_point: i32, m: super::Multiplier) -> Option<Self> {
+            let (left, right) = m.shifts();
+            if zero_point.abs() > 255 || left > 0 || m.multiplier < 0 {
+                return None;
+            }
+            Some(Rescale {
+                zero_point: _mm512_set1_epi32(zero_point),
+                high: _mm512_set1_epi32(m.multiplier >> 11),
+                low: _mm512_set1_epi32(m.multiplier & 0x7FF),
+                half: _mm512_set1_epi32(if right > 0 { 1 << (right - 1) } else { 0 }),
+                right: _mm_cvtsi32_si128(right as i32),
+                sign: _mm_cvtsi32_si128(if right > 0 { 31 } else { 32 }),
+            })
+        }
+
+        /// 16 inputs (as `i32`) rescaled.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        fn apply(&self, x: __m512i) -> __m512i {
+            let d = _mm512_sub_epi32(x, self.zero_point);
+            // The high multiply of `d · 2^20` by `m`, `(d · 2^20 · m + 2^30) >> 31`, is
+            // `(d · m + 2^10) >> 11`; with `m` split, each product fits 32 bits (|d| < 2^10).
+            let low = _mm512_add_epi32(_mm512_mullo_epi32(d, self.low), _mm512_set1_epi32(1 << 10));
+            let t = _mm512_add_epi32(
+                _mm512_mullo_epi32(d, self.high),
+                _mm512_srai_epi32::<11>(low),
+            );
+            // gemmlowp's rounding right shift (ties away from zero) is `(t + 2^(r-1) - [t < 0])
+            // >> r` for r ≥ 1; `t` is below 2^30, so the sum cannot overflow.
+            let negative = _mm512_srl_epi32(t, self.sign);
+            let t = _mm512_sub_epi32(_mm512_add_epi32(t, self.half), negative);
+            _mm512_sra_epi32(t, self.right)
+        }
+    }
+
+    /// [`super::QAdd`]'s constants in registers.
+    struct Add {
+        a: Rescale,
+        b: Rescale,
+        /// The output multiplier, its left and its right shift, in every lane.
+        out: [__m512i; 3],
+        constants: Constants,
+        subtract: bool,
+    }
+
+    impl Add {
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        fn new(op: &super::QAdd) -> Option<Self> {
+            let (left, right) = op.out.shifts();
+            Some(Add {
+                a: Rescale::new(op.a.0, op.a.1)?,
+                b: Rescale::new(op.b.0, op.b.1)?,
+                out: [op.out.multiplier, left as i32, right as i32].map(|v| _mm512_set1_epi32(v)),
+                constants: Constants::new(op.output.zero_point, [op.output.min, op.output.max]),
+                subtract: op.subtract,
+            })
+        }
+
+        /// Outputs `at..at + 16` from the inputs' bytes (signed where `SA` / `SB`), within the
+        /// output's range.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw")]
+        fn sixteen<const SA: bool, const SB: bool>(
+            &self,
+            a: &[u8],
+            b: &[u8],
+            at: usize,
+        ) -> __m512i {
+            let load = |bytes: &[u8], signed: bool| {
+                let lanes: &[u8; 16] = bytes[at..at + 16].try_into().expect("16 lanes");
+                // SAFETY: `lanes` is 16 readable bytes; unaligned load.
+                #[allow(unsafe_code)]
+                let x = unsafe { _mm_loadu_si128(lanes.as_ptr().cast()) };
+                if signed {
+                    _mm512_cvtepi8_epi32(x)
+                } else {
+                    _mm512_cvtepu8_epi32(x)
+                }
+            };
+            let (x, y) = (self.a.apply(load(a, SA)), self.b.apply(load(b, SB)));
+            let sum = if self.subtract {
+                _mm512_sub_epi32(x, y)
+            } else {
+                _mm512_add_epi32(x, y)
+            };
+            let [m, left, right] = self.out;
+            requantize(sum, m, left, right, &self.constants)
+        }
+    }
+
+    /// [`super::QAdd`] over two equally long runs of 8-bit values (signed where `SA` / `SB`),
+    /// clamped and stored as the output type: [`super::QAdd::combine`] bit for bit, 16 values per
+    /// register and stored 64 at a time, with no intermediate buffer.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, BW and VL.
+    #[allow(unsafe_code)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn add<const SA: bool, const SB: bool, T: Narrow>(
+        op: &super::QAdd,
+        a: &[u8],
+        b: &[u8],
+        out: &mut [T],
+    ) {
+        assert!(a.len() == b.len() && b.len() == out.len(), "equally long");
+        let mut whole = 0;
+        if let Some(add) = Add::new(op) {
+            whole = out.len() - out.len() % 16;
+            let mut i = 0;
+            while whole - i >= 64 {
+                let mut y = [_mm512_setzero_si512(); 4];
+                for (j, y) in y.iter_mut().enumerate() {
+                    *y = add.sixteen::<SA, SB>(a, b, i + 16 * j);
+                }
+                store_64::<T>(&mut out[i..i + 64], y);
+                i += 64;
+            }
+            while i < whole {
+                store_16::<T>(&mut out[i..i + 16], add.sixteen::<SA, SB>(a, b, i));
+                i += 16;
+            }
+        }
+        // The last values, fewer than 16 (or all of them, where the zero points are out of reach
+        // of the fast form).
+        super::add_bytes(op, (&a[whole..], SA), (&b[whole..], SB), &mut out[whole..]);
     }
 
     /// 64 values already within `T`'s range (four registers), narrowed in registers and stored
@@ -3518,6 +3745,122 @@ mod tests {
             let one = eval_pair(&op, tensor1(&[x, x]), tensor1(&[y]));
             assert_eq!(one, vec![same_shape[i]; 2], "{x} + {y}");
         }
+    }
+
+    #[test]
+    fn add_and_sub_of_every_signedness_and_output_type_equal_the_scalar_combination() {
+        // 85 values: one 64-value store, one 16-value store and a tail of 5.
+        let n = 85;
+        let (xs, ys) = (values(n, 3, -128, 127), values(n, 8, -128, 127));
+        let cases = [
+            // (zero points and scales of a and b; output scale, zero point, clamp)
+            (
+                (-7, 0.05),
+                (12, 0.03),
+                (0.08, 3, [-128, 127]),
+                DatumType::I8,
+            ),
+            ((10, 0.02), (-5, 0.01), (0.03, 128, [0, 255]), DatumType::U8),
+            (
+                (0, 0.5),
+                (100, 0.004),
+                (0.3, -20, [-20, 127]),
+                DatumType::I8,
+            ),
+            (
+                (3, 0.01),
+                (-2, 0.01),
+                (0.0005, 5, [-32768, 32767]),
+                DatumType::I16,
+            ),
+            // Equal scales (neither input shifts right) and zero points at the ends of the types.
+            (
+                (255, 0.02),
+                (-128, 0.02),
+                (0.05, 0, [-128, 127]),
+                DatumType::I8,
+            ),
+            // A zero point beyond the fast form's reach on AVX-512 (the portable path instead).
+            (
+                (300, 0.01),
+                (0, 0.02),
+                (0.04, 10, [-128, 127]),
+                DatumType::I8,
+            ),
+            // An output scale so small that the output multiplier shifts left.
+            ((1, 0.2), (-1, 0.3), (1e-7, 0, [-128, 127]), DatumType::I8),
+        ];
+        let mut seen = std::collections::BTreeSet::new();
+        for ((za, sa), (zb, sb), (sy, zy, [min, max]), dt) in cases {
+            for subtract in [false, true] {
+                let output = IntOutput {
+                    zero_point: zy,
+                    min,
+                    max,
+                    dt,
+                };
+                let (a, b) = (
+                    Operand {
+                        zero_point: za,
+                        scale: sa,
+                    },
+                    Operand {
+                        zero_point: zb,
+                        scale: sb,
+                    },
+                );
+                let op = QAdd::new(a, b, sy, subtract, output);
+                for (signed_a, signed_b) in
+                    [(true, true), (true, false), (false, true), (false, false)]
+                {
+                    let code = |v: i32, signed: bool| if signed { v } else { v + 128 };
+                    let tensor = |v: &[i32], signed: bool| -> Tensor {
+                        if signed {
+                            tensor1(&v.iter().map(|&v| v as i8).collect::<Vec<_>>())
+                        } else {
+                            tensor1(&v.iter().map(|&v| (v + 128) as u8).collect::<Vec<_>>())
+                        }
+                    };
+                    let expected: Vec<i32> = xs
+                        .iter()
+                        .zip(&ys)
+                        .map(|(&x, &y)| {
+                            op.combine(code(x, signed_a), code(y, signed_b))
+                                .clamp(min, max)
+                        })
+                        .collect();
+                    let out = op
+                        .eval(
+                            &EvalContext::out_of_plan(),
+                            tvec!(
+                                tensor(&xs, signed_a).into_tvalue(),
+                                tensor(&ys, signed_b).into_tvalue()
+                            ),
+                        )
+                        .unwrap();
+                    let out = out[0].clone().into_tensor();
+                    let got: Vec<i32> = match dt {
+                        DatumType::I8 => {
+                            out.as_bytes().iter().map(|&v| i32::from(v as i8)).collect()
+                        }
+                        DatumType::U8 => out.as_bytes().iter().map(|&v| i32::from(v)).collect(),
+                        _ => out
+                            .cast_to::<i32>()
+                            .unwrap()
+                            .try_as_plain_ram()
+                            .unwrap()
+                            .as_slice::<i32>()
+                            .unwrap()
+                            .to_vec(),
+                    };
+                    let case = format!("{dt:?} subtract {subtract} signed {signed_a} {signed_b}");
+                    assert_eq!(got, expected, "{case}");
+                    seen.extend(expected);
+                }
+            }
+        }
+        // The outputs cover the range, not only its clamped ends.
+        assert!(seen.len() > 200, "{} distinct outputs", seen.len());
     }
 
     fn eval_pair(op: &QAdd, a: Tensor, b: Tensor) -> Vec<i8> {
