@@ -1489,34 +1489,50 @@ fn paired_conv<T: Copy + Into<i32>>(
         } else if packing == Packing::Quads {
             // A quadruple's bytes are the input's own bytes transformed (`x - x_zp + offset`), so
             // each pixel's receptive field is gathered as bytes, one run of `kw * cin` per kernel
-            // row without dilation, from an image padded with centered zeros (`offset`); its
-            // last word is filled out with them too.
-            let image = conv.padded_bytes(x, n, h, w, offset);
+            // row without dilation, from an image padded with centered zeros (`offset`), straight
+            // into the words (little-endian, as `Packing::word` makes them); its last word is
+            // filled out with centered zeros too.
+            //
+            // A run of at most 16 bytes (an RGB 3×3 kernel's is 9) is copied as one 16-byte block,
+            // where a `memcpy` call per run had made the gathering cost more than the products.
+            // A block's overrun is written over by the next run or field, or (within a field's
+            // filler bytes) restored just after; the last one's lands in 16 bytes of slack.
             let zero = offset as u8;
-            let mut gathered = vec![zero; n * oh * ow * words * 4];
-            let mut fields = gathered.chunks_exact_mut(words * 4);
+            let mut image = conv.padded_bytes(x, n, h, w, offset);
+            image.resize(image.len() + 16, zero);
+            let run = kw * cin;
+            let blocks = dx == 1 && run <= 16;
+            let (field, used) = (words * 4, kh * run);
+            let mut gathered = vec![Packing::Quads.word(&[0; 4], offset); n * oh * ow * words + 4];
+            let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut gathered);
+            let mut at = 0;
             for b in 0..n {
                 for oy in 0..oh {
                     for ox in 0..ow {
-                        let field = fields.next().expect("one field per output pixel");
                         for ky in 0..kh {
                             let from = ((b * hp + oy * sy + ky * dy) * wp + ox * sx) * cin;
-                            let to = &mut field[ky * kw * cin..(ky + 1) * kw * cin];
-                            if dx == 1 {
-                                to.copy_from_slice(&image[from..from + kw * cin]);
+                            let to = at + ky * run;
+                            if blocks {
+                                let block: [u8; 16] =
+                                    image[from..from + 16].try_into().expect("16 bytes");
+                                bytes[to..to + 16].copy_from_slice(&block);
+                            } else if dx == 1 {
+                                bytes[to..to + run].copy_from_slice(&image[from..from + run]);
                             } else {
-                                for (kx, to) in to.chunks_exact_mut(cin).enumerate() {
+                                let to = bytes[to..to + run].chunks_exact_mut(cin);
+                                for (kx, to) in to.enumerate() {
                                     to.copy_from_slice(&image[from + kx * dx * cin..][..cin]);
                                 }
                             }
                         }
+                        if blocks {
+                            bytes[at + used..at + field].fill(zero);
+                        }
+                        at += field;
                     }
                 }
             }
-            let quads = gathered.chunks_exact(4);
-            quads
-                .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect()
+            gathered
         } else {
             let padded = conv.centered_padded(x, n, h, w);
             // Each output pixel's receptive field (one run of `kw * cin` values per kernel row
