@@ -27,6 +27,8 @@
 //! block at a time and leave as the output's bytes; elsewhere requantization, clamp and narrowing
 //! are one vectorized pass over a layer ([`Requantization`]).
 
+use std::borrow::Cow;
+
 use multiversion::multiversion;
 use tract_core::internal::*;
 use tract_core::ndarray::{ArrayD, IxDyn};
@@ -423,6 +425,10 @@ pub(crate) struct Channels {
     /// `sum_k w[k][o]`: the inputs `vpdpbusd` reads are `x - x_zp + offset`, unsigned, and
     /// `offset * column_sums[o]` taken from the bias makes up for the offset.
     column_sums: Vec<i32>,
+    /// [`Channels::bias_for`] the quadruples of int8 and of uint8 inputs, by offset: computed
+    /// once here rather than on every run (on the smallest models, a layer's own allocations
+    /// cost as much as its products).
+    quad_biases: Vec<(i32, Vec<i32>)>,
     depth: usize,
     outputs: usize,
     x_zero_point: i32,
@@ -430,6 +436,23 @@ pub(crate) struct Channels {
     bias: Vec<i32>,
     weight_zero_points: Option<Vec<i32>>,
     requantization: Requantization,
+}
+
+/// [`Channels::quad_offset`] for an input zero point.
+fn quad_offset(x_zero_point: i32, dt: DatumType) -> i32 {
+    match dt {
+        DatumType::I8 => x_zero_point.saturating_add(128),
+        DatumType::U8 => x_zero_point,
+        _ => 0,
+    }
+}
+
+/// The bias less `offset * column_sums[o]` (see [`Channels::bias_for`]); wrapping, as the
+/// accumulators wrap alike and the true result fits.
+fn quad_bias(bias: &[i32], column_sums: &[i32], offset: i32) -> Vec<i32> {
+    (bias.iter().zip(column_sums))
+        .map(|(&b, &s)| b.wrapping_sub(offset.wrapping_mul(s)))
+        .collect()
 }
 
 impl Channels {
@@ -504,11 +527,21 @@ impl Channels {
         let weight_zero_points = (0..outputs)
             .any(|o| pick_zp(o) != 0)
             .then(|| (0..outputs).map(pick_zp).collect());
+        let quad_biases = if weight_quads.is_empty() {
+            Vec::new()
+        } else {
+            [DatumType::I8, DatumType::U8]
+                .map(|dt| quad_offset(x_zero_point, dt))
+                .into_iter()
+                .map(|offset| (offset, quad_bias(&bias, &column_sums, offset)))
+                .collect()
+        };
         Ok(Channels {
             weights_t,
             weight_pairs,
             weight_quads,
             column_sums,
+            quad_biases,
             depth,
             outputs,
             x_zero_point,
@@ -683,21 +716,18 @@ impl Channels {
     /// `x - x_zp + offset`): `x + 128` for i8, `x` itself for u8; 0 for wider types, which never
     /// take them.
     fn quad_offset(&self, dt: DatumType) -> i32 {
-        match dt {
-            DatumType::I8 => self.x_zero_point.saturating_add(128),
-            DatumType::U8 => self.x_zero_point,
-            _ => 0,
-        }
+        quad_offset(self.x_zero_point, dt)
     }
 
     /// The bias to start accumulating from with `packing`: for quadruples, less what their
     /// `offset` adds to every input (`offset * column_sums[o]`).
-    fn bias_for(&self, packing: Packing, offset: i32) -> Vec<i32> {
+    fn bias_for(&self, packing: Packing, offset: i32) -> Cow<'_, [i32]> {
         match packing {
-            Packing::Pairs => self.bias.clone(),
-            Packing::Quads => (self.bias.iter().zip(&self.column_sums))
-                .map(|(&b, &s)| b.wrapping_sub(offset.wrapping_mul(s)))
-                .collect(),
+            Packing::Pairs => Cow::Borrowed(&self.bias),
+            Packing::Quads => match self.quad_biases.iter().find(|(o, _)| *o == offset) {
+                Some((_, bias)) => Cow::Borrowed(bias),
+                None => Cow::Owned(quad_bias(&self.bias, &self.column_sums, offset)),
+            },
         }
     }
 
@@ -820,7 +850,7 @@ impl<'a> Target<'a> {
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct Requantized<'a> {
     /// [`Channels::bias_for`] the quadruples.
-    bias: Vec<i32>,
+    bias: Cow<'a, [i32]>,
     /// [`Requantization::FixedPoint`]'s multipliers, left and right shifts.
     tiles: (&'a [i32], &'a [u32], &'a [u32]),
     /// The output's zero point, minimum and maximum.
