@@ -1602,6 +1602,14 @@ fn paired_conv<T: Copy + Into<i32>>(
                     let step = if tapwise {
                         for ky in 0..kh {
                             let row = (b * hp + oy * sy + ky * dy) * wp;
+                            if dx == 1 {
+                                // A kernel row's taps are adjacent pixels: one segment. (Per tap,
+                                // a layer of 16 channels had segments of 4 words, and their setup
+                                // cost as much as their products.)
+                                let at = (row + ox * sx) * per_tap;
+                                segments.push((ky * kw * per_tap, at, kw * per_tap));
+                                continue;
+                            }
                             for kx in 0..kw {
                                 let at = (row + ox * sx + kx * dx) * per_tap;
                                 segments.push(((ky * kw + kx) * per_tap, at, per_tap));
