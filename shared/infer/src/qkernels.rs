@@ -731,8 +731,8 @@ impl Channels {
         }
     }
 
-    /// Accumulates [`PIXELS`] pixels, or one where fewer than that are `left` in the row, and
-    /// returns how many: `target` takes their results, one row of `outputs` each; `segments`
+    /// Accumulates [`PIXELS`] pixels, or all that are `left` in the row where fewer, and returns
+    /// how many: `target` takes their results, one row of `outputs` each; `segments`
     /// are `(first weight word, offset of the first pixel's words in input, words)`, and pixel
     /// `p` reads `p * step` further. Only with the packing [`Channels::packing`] chose.
     #[inline(always)]
@@ -745,13 +745,16 @@ impl Channels {
         input: &[i32],
         left: usize,
     ) -> usize {
-        if left >= PIXELS {
-            self.accumulate_block_of::<PIXELS>(packing, target, segments, step, input);
-            PIXELS
-        } else {
-            self.accumulate_block_of::<1>(packing, target, segments, step, input);
-            1
+        // The last pixels of a row go together too, rather than one at a time: each weight load
+        // then serves two or three of them (the late layers of a vision model, 6 or 3 pixels
+        // wide, have the most weights).
+        match left {
+            PIXELS.. => self.accumulate_block_of::<PIXELS>(packing, target, segments, step, input),
+            3 => self.accumulate_block_of::<3>(packing, target, segments, step, input),
+            2 => self.accumulate_block_of::<2>(packing, target, segments, step, input),
+            _ => self.accumulate_block_of::<1>(packing, target, segments, step, input),
         }
+        left.clamp(1, PIXELS)
     }
 
     /// [`madd::accumulate_pixels`] or [`vnni::accumulate_pixels`] for `P` pixels.
