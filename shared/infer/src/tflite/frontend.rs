@@ -32,7 +32,7 @@ use tract_tflite::tflite::{
 
 use super::rescale::{Affine, QSoftmax, Rescale};
 use crate::model::{QuantParams, TensorSpec};
-use crate::qkernels::{Channels, IntOutput, Operand, QAdd, QConv, QFullyConnected, QMul};
+use crate::qkernels::{Channels, IntOutput, Operand, QAdd, QAvgPool, QConv, QFullyConnected, QMul};
 
 /// Why a model could not be translated: which node (named by its first output tensor), which
 /// operator, and what was wrong.
@@ -1243,6 +1243,38 @@ impl<'m> Frontend<'m> {
             output_channels: channels,
         };
         let dt = self.dt(x)?;
+        if !max
+            && matches!(dt, DatumType::I8 | DatumType::U8)
+            && self.dt(out)? == dt
+            && self.q(x)? == self.q(out)?
+        {
+            let fact = self.target.outlet_fact(wire)?;
+            let size = |axis: usize| fact.shape[axis].to_usize().ok();
+            if let (Some(h), Some(w)) = (size(1), size(2)) {
+                let same = o.padding() == Padding::SAME;
+                let kernel = [o.filter_height() as usize, o.filter_width() as usize];
+                let strides = [o.stride_h() as usize, o.stride_w() as usize];
+                ensure!(
+                    kernel.iter().chain(&strides).all(|&v| v > 0),
+                    "AVERAGE_POOL_2D {name}: kernel {kernel:?} and strides {strides:?} must be positive"
+                );
+                let (oh, pad_h) = QConv::geometry(h, kernel[0], strides[0], 1, same);
+                let (ow, pad_w) = QConv::geometry(w, kernel[1], strides[1], 1, same);
+                let declared = self.shape(out)?;
+                ensure!(
+                    declared.len() == 4 && declared[1] == oh && declared[2] == ow,
+                    "AVERAGE_POOL_2D {name}: computed output {oh}x{ow} does not match the declared {declared:?}"
+                );
+                let op = QAvgPool {
+                    kernel,
+                    strides,
+                    pad_before: [pad_h, pad_w],
+                    out_hw: [oh, ow],
+                    output: self.int_output(out, o.fused_activation_function())?,
+                };
+                return self.node(name, op, &[wire]);
+            }
+        }
         // Pool raw integer values in f32 (exact below 2^24) and round back, as TFLite does.
         let values = if dt == DatumType::F32 {
             wire
