@@ -1559,7 +1559,9 @@ fn paired_conv<T: Copy + Into<i32>>(
                             }
                         }
                         if blocks {
-                            bytes[at + used..at + field].fill(zero);
+                            // The filler (under 4 bytes) as one 4-byte store; like a block's, its
+                            // overrun is written over next.
+                            bytes[at + used..at + used + 4].copy_from_slice(&[zero; 4]);
                         }
                         at += field;
                     }
