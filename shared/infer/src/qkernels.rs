@@ -425,9 +425,11 @@ pub(crate) struct Channels {
     /// `sum_k w[k][o]`: the inputs `vpdpbusd` reads are `x - x_zp + offset`, unsigned, and
     /// `offset * column_sums[o]` taken from the bias makes up for the offset.
     column_sums: Vec<i32>,
-    /// [`Channels::bias_for`] the quadruples of int8 and of uint8 inputs, by offset: computed
-    /// once here rather than on every run (on the smallest models, a layer's own allocations
-    /// cost as much as its products).
+    /// The bias less `offset * column_sums[o]` ([`Channels::bias_for`]) for the offsets the
+    /// kernels use: the quadruples' of int8 and of uint8 inputs, and the input zero point (the
+    /// AVX-512 depthwise kernel reads raw inputs). Computed once here rather than on every run:
+    /// on the smallest models a layer's own allocations cost as much as its products, and a
+    /// depthwise layer's sums over its taps took 3% of visual wake words.
     quad_biases: Vec<(i32, Vec<i32>)>,
     depth: usize,
     outputs: usize,
@@ -508,16 +510,19 @@ impl Channels {
         }
         let fits_i8 = raw.iter().all(|&v| i8::try_from(v).is_ok());
         let no_weight_zero_points = (0..outputs).all(|o| pick_zp(o) == 0);
-        let (mut weight_quads, mut column_sums) = (Vec::new(), Vec::new());
+        // Wrapping: the accumulators wrap alike, and the true result fits.
+        let column_sums: Vec<i32> = (0..outputs)
+            .map(|o| {
+                let column = raw[o * depth..(o + 1) * depth].iter();
+                column.fold(0i32, |sum, &v| sum.wrapping_add(i32::from(v)))
+            })
+            .collect();
+        let mut weight_quads = Vec::new();
         if vnni() && fits_i8 && no_weight_zero_points && outputs.is_multiple_of(8) {
             weight_quads = vec![0i8; depth.div_ceil(4) * outputs * 4];
-            column_sums = vec![0i32; outputs];
             for o in 0..outputs {
                 for k in 0..depth {
-                    let v = raw[o * depth + k];
-                    weight_quads[((k / 4) * outputs + o) * 4 + k % 4] = v as i8;
-                    // Wrapping: the accumulators wrap alike, and the true result fits.
-                    column_sums[o] = column_sums[o].wrapping_add(i32::from(v));
+                    weight_quads[((k / 4) * outputs + o) * 4 + k % 4] = raw[o * depth + k] as i8;
                 }
             }
         }
@@ -527,15 +532,15 @@ impl Channels {
         let weight_zero_points = (0..outputs)
             .any(|o| pick_zp(o) != 0)
             .then(|| (0..outputs).map(pick_zp).collect());
-        let quad_biases = if weight_quads.is_empty() {
-            Vec::new()
-        } else {
-            [DatumType::I8, DatumType::U8]
-                .map(|dt| quad_offset(x_zero_point, dt))
-                .into_iter()
-                .map(|offset| (offset, quad_bias(&bias, &column_sums, offset)))
-                .collect()
-        };
+        let offsets = [
+            quad_offset(x_zero_point, DatumType::I8),
+            quad_offset(x_zero_point, DatumType::U8),
+            x_zero_point,
+        ];
+        let quad_biases = offsets
+            .into_iter()
+            .map(|offset| (offset, quad_bias(&bias, &column_sums, offset)))
+            .collect();
         Ok(Channels {
             weights_t,
             weight_pairs,
@@ -1137,15 +1142,9 @@ impl QConv {
         let taps: Vec<usize> = (0..kh)
             .flat_map(|ky| (0..kw).map(move |kx| (ky * dy * wp + kx * dx) * ch))
             .collect();
-        // Σ (x - zp)·w = Σ x·w - zp·Σ w: the zero point's share comes off the bias once. Wrapping,
-        // as the accumulators wrap alike and the true result fits.
-        let bias: Vec<i32> = (0..ch)
-            .map(|o| {
-                let sum =
-                    (0..taps.len()).fold(0i32, |s, k| s.wrapping_add(c.weights_t[k * ch + o]));
-                c.bias[o].wrapping_sub(zp.wrapping_mul(sum))
-            })
-            .collect();
+        // Σ (x - zp)·w = Σ x·w - zp·Σ w: the zero point's share comes off the bias (computed at
+        // load), as it does for quadruples with an offset.
+        let bias = c.bias_for(Packing::Quads, zp);
         let layer = avx512::Depthwise {
             padded: &padded,
             pixels: [n, oh, ow],
