@@ -229,7 +229,14 @@ impl Rescale {
 
     /// `input` mapped into a new tensor.
     fn map(&self, input: &Tensor) -> TractResult<Tensor> {
-        let mut out = Tensor::zero_dt(self.output_type(), input.shape())?;
+        let (dt, shape) = (self.output_type(), input.shape());
+        // Integer values go to Cascade's kernels, which need no more than `malloc`'s alignment
+        // ([`crate::qkernels::output_tensor`]); floats may go to tract's, aligned as it aligns.
+        let mut out = if dt.is_float() {
+            Tensor::zero_dt(dt, shape)?
+        } else {
+            crate::qkernels::output_tensor(dt, shape)?
+        };
         self.write(input, &mut out)?;
         Ok(out)
     }
