@@ -337,8 +337,9 @@ impl IntOutput {
 /// aligns (16 bytes) rather than to tract's vector size: every kernel here loads and stores
 /// unaligned, and an over-aligned allocation goes through `posix_memalign`, whose splitting and
 /// freeing of the slack (`_int_memalign`, `unlink_chunk`, `malloc_consolidate` in `perf`) took a
-/// tenth of the smallest models' time (2026-11-24). Integer tensors here are read by Cascade's
-/// own kernels, or reshaped or cast by tract, which copies them.
+/// tenth of the smallest models' time (2026-11-24). Besides Cascade's own kernels, these tensors
+/// reach tract's reshape, transpose, pad, concatenation, slicing and casts, which read them
+/// element by element and need no alignment either.
 pub(crate) fn output_tensor(dt: DatumType, shape: &[usize]) -> TractResult<Tensor> {
     Tensor::zero_aligned_dt(dt, shape, 16)
 }
@@ -435,9 +436,9 @@ pub(crate) struct Channels {
     /// `sum_k w[k][o]`: the inputs `vpdpbusd` reads are `x - x_zp + offset`, unsigned, and
     /// `offset * column_sums[o]` taken from the bias makes up for the offset.
     column_sums: Vec<i32>,
-    /// The bias less `offset * column_sums[o]` ([`Channels::bias_for`]) for the offsets the
-    /// kernels use: the quadruples' of int8 and of uint8 inputs, and the input zero point (the
-    /// AVX-512 depthwise kernel reads raw inputs). Computed once here rather than on every run:
+    /// [`Channels::bias_less`] each offset the kernels use: the quadruples' of int8 inputs, and
+    /// of uint8 inputs, which is the input zero point (also the AVX-512 depthwise kernel's, which
+    /// reads raw inputs). Computed once here rather than on every run:
     /// on the smallest models a layer's own allocations cost as much as its products, and a
     /// depthwise layer's sums over its taps took 3% of visual wake words.
     quad_biases: Vec<(i32, Vec<i32>)>,
@@ -542,11 +543,9 @@ impl Channels {
         let weight_zero_points = (0..outputs)
             .any(|o| pick_zp(o) != 0)
             .then(|| (0..outputs).map(pick_zp).collect());
-        let offsets = [
-            quad_offset(x_zero_point, DatumType::I8),
-            quad_offset(x_zero_point, DatumType::U8),
-            x_zero_point,
-        ];
+        // int8 inputs' quadruple offset, and uint8 inputs', which is also the zero point.
+        let mut offsets = vec![quad_offset(x_zero_point, DatumType::I8), x_zero_point];
+        offsets.dedup();
         let quad_biases = offsets
             .into_iter()
             .map(|offset| (offset, quad_bias(&bias, &column_sums, offset)))
@@ -739,10 +738,16 @@ impl Channels {
     fn bias_for(&self, packing: Packing, offset: i32) -> Cow<'_, [i32]> {
         match packing {
             Packing::Pairs => Cow::Borrowed(&self.bias),
-            Packing::Quads => match self.quad_biases.iter().find(|(o, _)| *o == offset) {
-                Some((_, bias)) => Cow::Borrowed(bias),
-                None => Cow::Owned(quad_bias(&self.bias, &self.column_sums, offset)),
-            },
+            Packing::Quads => self.bias_less(offset),
+        }
+    }
+
+    /// The bias less `offset * column_sums[o]`: what accumulating from inputs shifted by
+    /// `offset` needs. Computed at load for the offsets the kernels use (`quad_biases`).
+    fn bias_less(&self, offset: i32) -> Cow<'_, [i32]> {
+        match self.quad_biases.iter().find(|(o, _)| *o == offset) {
+            Some((_, bias)) => Cow::Borrowed(bias),
+            None => Cow::Owned(quad_bias(&self.bias, &self.column_sums, offset)),
         }
     }
 
@@ -1153,8 +1158,8 @@ impl QConv {
             .flat_map(|ky| (0..kw).map(move |kx| (ky * dy * wp + kx * dx) * ch))
             .collect();
         // Σ (x - zp)·w = Σ x·w - zp·Σ w: the zero point's share comes off the bias (computed at
-        // load), as it does for quadruples with an offset.
-        let bias = c.bias_for(Packing::Quads, zp);
+        // load), as an offset's does for quadruples.
+        let bias = c.bias_less(zp);
         let layer = avx512::Depthwise {
             padded: &padded,
             pixels: [n, oh, ow],
@@ -1194,8 +1199,14 @@ impl QConv {
         w: usize,
         offset: i32,
     ) -> Vec<u8> {
+        self.padded_with(x, [n, h, w], offset as u8, self.quad_byte(offset))
+    }
+
+    /// An input value as its byte in [`Packing::Quads`], `x - x_zero_point + offset`.
+    #[inline(always)]
+    fn quad_byte<T: Copy + Into<i32>>(&self, offset: i32) -> impl Fn(T) -> u8 {
         let shift = offset - self.channels.x_zero_point;
-        self.padded_with(x, [n, h, w], offset as u8, |v| (v.into() + shift) as u8)
+        move |v| (v.into() + shift) as u8
     }
 
     /// [`QConv::padded_bytes`] as the words of [`Packing::Quads`], for a channel count that 4
@@ -1217,9 +1228,8 @@ impl QConv {
         let (hp, wp) = self.padded_size(h, w);
         let padding = Packing::Quads.word(&[0; 4], offset);
         let mut image = vec![padding; n * hp * wp * self.in_channels / 4];
-        let shift = offset - self.channels.x_zero_point;
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut image);
-        self.pad_into(x, [n, h, w], bytes, |v| (v.into() + shift) as u8);
+        self.pad_into(x, [n, h, w], bytes, self.quad_byte(offset));
         image
     }
 
@@ -1514,8 +1524,8 @@ fn paired_conv<T: Copy + Into<i32>>(
         let packed = if tapwise && packing == Packing::Quads {
             conv.padded_quads(x, [n, h, w], offset)
         } else if tapwise {
-            // Packed straight from the input, row by row, into an image whose padding words hold
-            // centered zeros.
+            // Pairs: packed straight from the input, row by row, into an image whose padding
+            // words hold centered zeros.
             let [pad_y, pad_x] = conv.pad_before;
             let padding = packing.word(&[0; 4][..width], offset);
             let mut image = vec![padding; n * hp * wp * per_tap];
@@ -1532,19 +1542,19 @@ fn paired_conv<T: Copy + Into<i32>>(
             // A quadruple's bytes are the input's own bytes transformed (`x - x_zp + offset`), so
             // each pixel's receptive field is gathered as bytes, one run of `kw * cin` per kernel
             // row without dilation, from an image padded with centered zeros (`offset`), straight
-            // into the words (little-endian, as `Packing::word` makes them); its last word is
-            // filled out with centered zeros too.
+            // into the words (little-endian, as `Packing::word` makes them).
             //
             // A run of at most 16 bytes (an RGB 3×3 kernel's is 9) is copied as one 16-byte block,
             // where a `memcpy` call per run had made the gathering cost more than the products.
-            // A block's overrun is written over by the next run or field, or (within a field's
-            // filler bytes) restored just after; the last one's lands in 16 bytes of slack.
+            // A block's overrun is written over by the next run or field, and the last one's lands
+            // in 16 bytes of slack; it may be left in a field's last word, past its depth, where
+            // every weight is 0.
             let zero = offset as u8;
             let mut image = conv.padded_bytes(x, n, h, w, offset);
             image.resize(image.len() + 16, zero);
             let run = kw * cin;
             let blocks = dx == 1 && run <= 16;
-            let (field, used) = (words * 4, kh * run);
+            let field = words * 4;
             let mut gathered = vec![Packing::Quads.word(&[0; 4], offset); n * oh * ow * words + 4];
             let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut gathered);
             let mut at = 0;
@@ -1567,17 +1577,13 @@ fn paired_conv<T: Copy + Into<i32>>(
                                 }
                             }
                         }
-                        if blocks {
-                            // The filler (under 4 bytes) as one 4-byte store; like a block's, its
-                            // overrun is written over next.
-                            bytes[at + used..at + used + 4].copy_from_slice(&[zero; 4]);
-                        }
                         at += field;
                     }
                 }
             }
             gathered
         } else {
+            // Pairs of a channel count that 2 does not divide.
             let padded = conv.centered_padded(x, n, h, w);
             // Each output pixel's receptive field (one run of `kw * cin` values per kernel row
             // without dilation), packed.
@@ -1804,8 +1810,9 @@ impl QAdd {
 }
 
 /// [`QAdd`] over two equally long runs of input values, clamped and stored as the output type.
-/// Compiled for AVX-512, AVX2 and SSE4.1 too, chosen at run time; where both inputs are 8-bit and
-/// of the same shape, [`avx512::add`] instead.
+/// Compiled for AVX-512, AVX2 and SSE4.1 too, chosen at run time. On a CPU with AVX-512, inputs of
+/// the same shape take [`avx512::add`] instead (which comes back here for a last few values, and
+/// for all of them where a zero point is beyond its reach).
 #[multiversion(targets(
     "x86_64+avx2+avx512f+avx512bw+avx512vl",
     "x86_64+avx2",
@@ -1917,14 +1924,17 @@ impl TypedOp for QAdd {
     as_op!();
 }
 
-/// TFLite's 8-bit AVERAGE_POOL_2D, input and output quantized alike: per channel, the sum of the
-/// window's values that lie inside the input, divided by their count with ties away from zero
-/// (TFLite's reference integer kernel, bit for bit), clamped to the fused activation's range.
+/// TFLite's 8-bit AVERAGE_POOL_2D, input and output encoded alike (as TFLite requires): per
+/// channel, the sum of the window's stored values that lie inside the input, divided by their
+/// count with ties away from zero (TFLite's reference integer kernel, bit for bit), clamped to
+/// the fused activation's range.
 ///
 /// Replaces pooling in `f32` (a cast, tract's sum pool and a rounding pass), which took a tenth
 /// of keyword spotting's time for its one global average (2026-11-24, `--profile`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct QAvgPool {
+    /// The input's height and width, which `out_hw` and `pad_before` were computed for.
+    pub input_hw: [usize; 2],
     pub kernel: [usize; 2],
     pub strides: [usize; 2],
     /// Rows and columns of padding before the input (SAME), which windows do not count.
@@ -1943,8 +1953,11 @@ impl QAvgPool {
 
     fn pool<T: Copy + Into<i32> + Narrow>(&self, x: &[T], [n, h, w, c]: [usize; 4], out: &mut [T]) {
         let [oh, ow] = self.out_hw;
+        if c == 0 {
+            return; // No channels, so no values.
+        }
         let mut sums = vec![0i32; c];
-        let mut rows = out.chunks_exact_mut(c.max(1));
+        let mut rows = out.chunks_exact_mut(c);
         for b in 0..n {
             for oy in 0..oh {
                 let ys = self.window(0, oy, h);
@@ -1954,7 +1967,7 @@ impl QAvgPool {
                     for y in ys.clone() {
                         let from = ((b * h + y) * w + xs.start) * c;
                         let pixels = &x[from..from + xs.len() * c];
-                        for pixel in pixels.chunks_exact(c.max(1)) {
+                        for pixel in pixels.chunks_exact(c) {
                             for (s, &v) in sums.iter_mut().zip(pixel) {
                                 *s += v.into();
                             }
@@ -2003,6 +2016,11 @@ impl EvalOp for QAvgPool {
             bail!("QAvgPool takes NHWC, got {:?}", x.shape());
         };
         ensure!(
+            [h, w] == self.input_hw,
+            "QAvgPool was built for {:?} inputs, got {h}x{w}",
+            self.input_hw
+        );
+        ensure!(
             x.datum_type().unquantized() == self.output.dt,
             "QAvgPool keeps its input type {:?}",
             self.output.dt
@@ -2028,7 +2046,7 @@ impl TypedOp for QAvgPool {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let s = &inputs[0].shape;
         ensure!(s.len() == 4, "QAvgPool takes NHWC");
-        Ok(tvec!(inputs[0].datum_type.fact([
+        Ok(tvec!(self.output.dt.fact([
             s[0].clone(),
             self.out_hw[0].to_dim(),
             self.out_hw[1].to_dim(),
@@ -2557,7 +2575,7 @@ mod avx512 {
         #[target_feature(enable = "avx512f")]
         fn new(zero_point: i32, m: super::Multiplier) -> Option<Self> {
             let (left, right) = m.shifts();
-            if zero_point.abs() > 255 || left > 0 || m.multiplier < 0 {
+            if zero_point.unsigned_abs() > 255 || left > 0 || m.multiplier < 0 {
                 return None;
             }
             Some(Rescale {
@@ -3612,6 +3630,33 @@ mod tests {
     }
 
     #[test]
+    fn gathered_receptive_fields_of_every_filler_length_match_the_direct_sum() {
+        // Receptive fields gathered as bytes (channels that 4 does not divide): 1×1 kernels of 3
+        // channels (each 16-byte block overruns several 4-byte fields), 2×2 of 3 (no filler
+        // byte), 3×3 of 2 (two filler bytes) and of 5 (three, rows of 15 bytes).
+        let output = IntOutput {
+            zero_point: -4,
+            min: -128,
+            max: 127,
+            dt: DatumType::I8,
+        };
+        for (cin, k) in [(3, 1), (3, 2), (2, 3), (5, 3)] {
+            let case = Geometry {
+                cin,
+                stride: 1,
+                h: 5,
+                w: 7,
+                outputs: 24,
+                batch: 2,
+                dilation: 1,
+            };
+            for input in [(false, -9), (true, 131)] {
+                paired_convolution_with_kernel(case, k, input, false, output.clone());
+            }
+        }
+    }
+
+    #[test]
     fn quadruples_take_input_zero_points_at_both_ends() {
         // Offsets (`quad_offset`) 0 and 255: int8 zero points -128 and 127, uint8 0 and 255; the
         // image packed tapwise (4 channels) and gathered (3).
@@ -3668,6 +3713,17 @@ mod tests {
     /// (8- or 16-bit).
     fn paired_convolution_into(
         case: Geometry,
+        input: (bool, i32),
+        uint8_weights: bool,
+        output: IntOutput,
+    ) {
+        paired_convolution_with_kernel(case, 3, input, uint8_weights, output);
+    }
+
+    /// [`paired_convolution_into`] with a `k`×`k` kernel.
+    fn paired_convolution_with_kernel(
+        case: Geometry,
+        k: usize,
         (unsigned, x_zp): (bool, i32),
         uint8_weights: bool,
         output: IntOutput,
@@ -3680,7 +3736,7 @@ mod tests {
             batch,
             ..
         } = case;
-        let depth = 9 * cin;
+        let depth = k * k * cin;
         let (lo, hi) = if uint8_weights { (0, 255) } else { (-128, 127) };
         let weights = values(out_channels * depth, 31, lo, hi);
         let bias = values(out_channels, 32, -3000, 3000);
@@ -3703,7 +3759,7 @@ mod tests {
         };
         assert_eq!(channels.packing::<u8>(offset), expected_packing);
         let (zero_point, min, max, dt) = (output.zero_point, output.min, output.max, output.dt);
-        let conv = same_conv(channels, output, case, 1);
+        let conv = same_conv_k(channels, output, case, 1, k);
         let (lo, hi) = if unsigned { (0, 255) } else { (-128, 127) };
         let x: Vec<i32> = values(batch * h * w * cin, 33, lo, hi)
             .into_iter()
@@ -3737,8 +3793,9 @@ mod tests {
     fn depthwise_convolutions_match_the_direct_sum() {
         // 3x3 kernels, stride 2, SAME padding, weights without zero points as in TFLite: 59
         // channels (portable blocks of 32, 16 and 8, then 3 more; on AVX-512 three registers and
-        // 11 masked lanes), 8 (two pixels per register, with a row's odd last pixel alone), 24. A 5x5 kernel (25 taps in registers) and a
-        // 1x1 (one tap, the rest of a 3x3 block weighing 0). Two images, once.
+        // 11 masked lanes), 8 (on AVX-512 two pixels per register, a row's odd last pixel alone;
+        // once with two images), 24. A 5x5 kernel (25 taps in registers) and a 1x1 (one tap, the
+        // rest of a 3x3 block weighing 0). Two images, twice.
         for (ch, k, batch) in [
             (59, 3, 1),
             (8, 3, 1),
@@ -3886,20 +3943,27 @@ mod tests {
     #[test]
     fn int8_depthwise_convolutions_into_int8_outputs_match_the_direct_sum() {
         // Negative outputs through the narrowing, and input zero points at both ends of int8
-        // (the padding bytes then -128 and 127).
+        // (the padding bytes then -128 and 127); 24 channels, and 8 (on AVX-512 two pixels per
+        // register).
+        for ch in [24, 8] {
+            int8_depthwise_into_int8_outputs(ch);
+        }
+    }
+
+    fn int8_depthwise_into_int8_outputs(ch: usize) {
         let case = Geometry {
-            cin: 24,
+            cin: ch,
             stride: 1,
             h: 5,
             w: 6,
-            outputs: 24,
+            outputs: ch,
             batch: 1,
             dilation: 1,
         };
-        let w = values(24 * 9, 41, -128, 127);
-        let bias = values(24, 42, -5000, 5000);
+        let w = values(ch * 9, 41, -128, 127);
+        let bias = values(ch, 42, -5000, 5000);
         let raw: Vec<i8> = w.iter().map(|&v| v as i8).collect();
-        let weights = Tensor::from_shape(&[24, 9], &raw).unwrap();
+        let weights = Tensor::from_shape(&[ch, 9], &raw).unwrap();
         let output = IntOutput {
             zero_point: -5,
             min: -128,
@@ -3910,8 +3974,8 @@ mod tests {
             let bias_t = tensor1(&bias);
             let channels =
                 Channels::new(&weights, Some(&bias_t), x_zp, 0.5, &[0.01], &[0], 0.3).unwrap();
-            let conv = same_conv(channels, output.clone(), case, 24);
-            let x = values(5 * 6 * 24, 43, -128, 127);
+            let conv = same_conv(channels, output.clone(), case, ch);
+            let x = values(5 * 6 * ch, 43, -128, 127);
             let signed: Vec<i8> = x.iter().map(|&v| v as i8).collect();
             let expected: Vec<u8> = direct_conv(&conv, case, (&x, x_zp), (&w, &[]), &bias)
                 .into_iter()
@@ -3921,13 +3985,13 @@ mod tests {
                 })
                 .collect();
             assert!(expected.iter().any(|&y| (y as i8) < 0), "negative outputs");
-            let out = eval_on(&conv, &[1, 5, 6, 24], &signed);
+            let out = eval_on(&conv, &[1, 5, 6, ch], &signed);
             assert_eq!(out, expected, "input zero point {x_zp}");
             let acc = depthwise(&conv, &signed, 1, 5, 6);
             let requantization = Some(&conv.channels.requantization);
             let portable = conv
                 .output
-                .store(&acc, &[1, 5, 6, 24], requantization)
+                .store(&acc, &[1, 5, 6, ch], requantization)
                 .unwrap();
             assert_eq!(
                 portable.as_bytes(),
@@ -4163,6 +4227,7 @@ mod tests {
                 let (ow, pad_w) = QConv::geometry(w, kernel[1], strides[1], 1, same);
                 let offset = if unsigned { 128 } else { 0 };
                 let op = QAvgPool {
+                    input_hw: [h, w],
                     kernel,
                     strides,
                     pad_before: [pad_h, pad_w],
@@ -4223,6 +4288,13 @@ mod tests {
                 if kernel == [2, 2] {
                     assert!(ties > 0 && clamped > 0, "ties {ties}, clamped {clamped}");
                 }
+                // No channels: an empty output, not a panic; another input size: an error.
+                let empty = Tensor::zero_dt(op.output.dt, &[1, h, w, 0]).unwrap();
+                let out = op.eval(&EvalContext::out_of_plan(), tvec!(empty.into_tvalue()));
+                assert_eq!(out.unwrap()[0].shape(), &[1, oh, ow, 0]);
+                let other = Tensor::zero_dt(op.output.dt, &[1, h + 1, w, c]).unwrap();
+                let error = op.eval(&EvalContext::out_of_plan(), tvec!(other.into_tvalue()));
+                assert!(error.is_err(), "an input of another size");
             }
         }
     }

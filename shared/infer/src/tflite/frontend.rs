@@ -1243,11 +1243,12 @@ impl<'m> Frontend<'m> {
             output_channels: channels,
         };
         let dt = self.dt(x)?;
-        if !max
-            && matches!(dt, DatumType::I8 | DatumType::U8)
-            && self.dt(out)? == dt
-            && self.q(x)? == self.q(out)?
-        {
+        // TFLite's integer kernel averages the stored values, so it needs the output encoded as
+        // the input is (its `Prepare` checks equal zero points and scales within 1e-6).
+        let (q_in, q_out) = (self.q(x)?, self.q(out)?);
+        let alike = matches!((q_in, q_out), (Some(a), Some(b))
+            if a.zero_point == b.zero_point && (a.scale - b.scale).abs() <= 1e-6);
+        if !max && matches!(dt, DatumType::I8 | DatumType::U8) && self.dt(out)? == dt && alike {
             let fact = self.target.outlet_fact(wire)?;
             let size = |axis: usize| fact.shape[axis].to_usize().ok();
             if let (Some(h), Some(w)) = (size(1), size(2)) {
@@ -1256,16 +1257,19 @@ impl<'m> Frontend<'m> {
                 let strides = [o.stride_h() as usize, o.stride_w() as usize];
                 ensure!(
                     kernel.iter().chain(&strides).all(|&v| v > 0),
-                    "AVERAGE_POOL_2D {name}: kernel {kernel:?} and strides {strides:?} must be positive"
+                    "AVERAGE_POOL_2D {name}: kernel {kernel:?} and strides {strides:?} must be \
+                     positive"
                 );
                 let (oh, pad_h) = QConv::geometry(h, kernel[0], strides[0], 1, same);
                 let (ow, pad_w) = QConv::geometry(w, kernel[1], strides[1], 1, same);
                 let declared = self.shape(out)?;
                 ensure!(
                     declared.len() == 4 && declared[1] == oh && declared[2] == ow,
-                    "AVERAGE_POOL_2D {name}: computed output {oh}x{ow} does not match the declared {declared:?}"
+                    "AVERAGE_POOL_2D {name}: computed output {oh}x{ow} does not match the \
+                     declared {declared:?}"
                 );
                 let op = QAvgPool {
+                    input_hw: [h, w],
                     kernel,
                     strides,
                     pad_before: [pad_h, pad_w],
