@@ -16,7 +16,7 @@
 //!
 //! [`QConv`] covers CONV_2D (one group) and DEPTHWISE_CONV_2D (one group per input channel, any
 //! depth multiplier); [`QFullyConnected`] covers FULLY_CONNECTED; [`QAdd`] and [`QMul`] the
-//! element-wise int8 ADD and MUL, inputs quantized alike or not.
+//! element-wise int8 ADD and MUL, inputs quantized alike or not; [`QAvgPool`] AVERAGE_POOL_2D.
 //!
 //! 8-bit activations are read in place; the products accumulate in `i32` blocks held in
 //! registers: portable (vectorized by the compiler), or on x86-64 with AVX2 two depth rows per
@@ -24,8 +24,8 @@
 //! One-group convolutions on those instructions take four output pixels at a time over an input
 //! packed once ([`paired_conv`]). With AVX-512 ([`mod@avx512`]) the accumulators of VNNI and
 //! depthwise layers with TFLite's requantization and 8-bit outputs are requantized a register
-//! block at a time and leave as the output's bytes; elsewhere requantization, clamp and narrowing
-//! are one vectorized pass over a layer ([`Requantization`]).
+//! block at a time and leave as the output's bytes, as do ADD's; elsewhere requantization, clamp
+//! and narrowing are one vectorized pass over a layer ([`Requantization`]).
 
 use std::borrow::Cow;
 
