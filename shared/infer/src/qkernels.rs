@@ -333,15 +333,20 @@ impl IntOutput {
     }
 }
 
-/// A new integer output tensor of `dt` and `shape`, zeroed, aligned as the platform's `malloc`
-/// aligns (16 bytes) rather than to tract's vector size: every kernel here loads and stores
-/// unaligned, and an over-aligned allocation goes through `posix_memalign`, whose splitting and
-/// freeing of the slack (`_int_memalign`, `unlink_chunk`, `malloc_consolidate` in `perf`) took a
-/// tenth of the smallest models' time (2026-11-24). Besides Cascade's own kernels, these tensors
-/// reach tract's reshape, transpose, pad, concatenation, slicing and casts, which read them
-/// element by element and need no alignment either.
+/// A new output tensor of `dt` and `shape`, zeroed. An integer one is aligned as the platform's
+/// `malloc` aligns (16 bytes) rather than to tract's vector size: every kernel here loads and
+/// stores unaligned, and an over-aligned allocation goes through `posix_memalign`, whose
+/// splitting and freeing of the slack (`_int_memalign`, `unlink_chunk`, `malloc_consolidate` in
+/// `perf`) took a tenth of the smallest models' time (2026-11-24). Besides Cascade's own
+/// kernels, integer tensors reach tract's reshape, transpose, pad, concatenation, slicing and
+/// casts, which read them element by element and need no alignment either. A float one (a
+/// DEQUANTIZE's) may feed tract's float kernels, so it keeps tract's alignment.
 pub(crate) fn output_tensor(dt: DatumType, shape: &[usize]) -> TractResult<Tensor> {
-    Tensor::zero_aligned_dt(dt, shape, 16)
+    if dt.is_float() {
+        Tensor::zero_dt(dt, shape)
+    } else {
+        Tensor::zero_aligned_dt(dt, shape, 16)
+    }
 }
 
 /// An integer storage type: its range, and a value already within it stored as it.
@@ -1709,16 +1714,28 @@ impl EvalOp for QConv {
     }
 }
 
+/// The output fact of an NHWC op (`name`) from `input`: its batch, `out_hw`, `channels`.
+fn nhwc_fact(
+    dt: DatumType,
+    input: &TypedFact,
+    [oh, ow]: [usize; 2],
+    channels: TDim,
+    name: &str,
+) -> TractResult<TVec<TypedFact>> {
+    let s = &input.shape;
+    ensure!(s.len() == 4, "{name} takes NHWC");
+    Ok(tvec!(dt.fact([
+        s[0].clone(),
+        oh.to_dim(),
+        ow.to_dim(),
+        channels
+    ])))
+}
+
 impl TypedOp for QConv {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let s = &inputs[0].shape;
-        ensure!(s.len() == 4, "QConv takes NHWC");
-        Ok(tvec!(self.output.dt.fact([
-            s[0].clone(),
-            self.out_hw[0].to_dim(),
-            self.out_hw[1].to_dim(),
-            self.channels.outputs.to_dim()
-        ])))
+        let channels = self.channels.outputs.to_dim();
+        nhwc_fact(self.output.dt, inputs[0], self.out_hw, channels, "QConv")
     }
     as_op!();
 }
@@ -1944,6 +1961,27 @@ pub(crate) struct QAvgPool {
 }
 
 impl QAvgPool {
+    /// The pooling of an `input_hw` input, its output size and padding derived as TFLite derives
+    /// them (SAME or VALID).
+    pub(crate) fn new(
+        input_hw: [usize; 2],
+        kernel: [usize; 2],
+        strides: [usize; 2],
+        same: bool,
+        output: IntOutput,
+    ) -> Self {
+        let [(oh, pad_h), (ow, pad_w)] = [0, 1]
+            .map(|axis| QConv::geometry(input_hw[axis], kernel[axis], strides[axis], 1, same));
+        QAvgPool {
+            input_hw,
+            kernel,
+            strides,
+            pad_before: [pad_h, pad_w],
+            out_hw: [oh, ow],
+            output,
+        }
+    }
+
     /// The input rows (or columns) window `out` covers along `axis` of an input `size` long.
     fn window(&self, axis: usize, out: usize, size: usize) -> std::ops::Range<usize> {
         let start = out * self.strides[axis];
@@ -2044,14 +2082,8 @@ impl EvalOp for QAvgPool {
 
 impl TypedOp for QAvgPool {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let s = &inputs[0].shape;
-        ensure!(s.len() == 4, "QAvgPool takes NHWC");
-        Ok(tvec!(self.output.dt.fact([
-            s[0].clone(),
-            self.out_hw[0].to_dim(),
-            self.out_hw[1].to_dim(),
-            s[3].clone()
-        ])))
+        let channels = inputs[0].shape.get(3).cloned().unwrap_or_default();
+        nhwc_fact(self.output.dt, inputs[0], self.out_hw, channels, "QAvgPool")
     }
     as_op!();
 }
@@ -2272,6 +2304,17 @@ mod avx512 {
         pub output: [i32; 3],
     }
 
+    /// [`Depthwise::held`]: a block's taps and, in registers, its weights, bias (`start`),
+    /// multipliers and left and right shifts.
+    struct Held<const K: usize> {
+        taps: [usize; K],
+        w: [__m512i; K],
+        start: __m512i,
+        m: __m512i,
+        l: __m512i,
+        r: __m512i,
+    }
+
     impl Depthwise<'_> {
         /// The layer, requantized in registers and stored as bytes in `out` (`[pixels][channels]`;
         /// the input sign-extended where `SIGNED`). Channels go 16 per register (the last block
@@ -2320,6 +2363,39 @@ mod avx512 {
             }
         }
 
+        /// What a block of channels `c..` (`lanes` of them) keeps in registers over every pixel:
+        /// its taps' offsets, and its weights, bias and multipliers passed through `spread`. Taps
+        /// beyond the layer's are offset 0 with weight 0.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        fn held<const K: usize>(
+            &self,
+            c: usize,
+            lanes: (__mmask16, usize),
+            spread: impl Fn(__m512i) -> __m512i,
+        ) -> Held<K> {
+            let mut taps = [0usize; K];
+            let mut w = [_mm512_setzero_si512(); K];
+            for (k, (&tap, (t, w))) in self
+                .taps
+                .iter()
+                .zip(taps.iter_mut().zip(&mut w))
+                .enumerate()
+            {
+                *t = tap + c;
+                *w = spread(load_i32(self.weights, k * self.channels + c, lanes));
+            }
+            let (multiplier, left, right) = self.tiles;
+            Held {
+                taps,
+                w,
+                start: spread(load_i32(self.bias, c, lanes)),
+                m: spread(load_i32(multiplier, c, lanes)),
+                l: spread(load_i32(bytemuck_u32(left), c, lanes)),
+                r: spread(load_i32(bytemuck_u32(right), c, lanes)),
+            }
+        }
+
         /// An 8-channel layer (a MobileNet's first depthwise one), two pixels per register: a
         /// pixel's channels in the low 8 lanes and the next pixel's in the high 8, where one
         /// pixel alone would leave half of every register idle. Up to 9 taps.
@@ -2333,26 +2409,17 @@ mod avx512 {
             constants: &Constants,
             out: &mut [T],
         ) {
-            const K: usize = 9;
             let half = lanes(0, 8);
             // Lanes 0..8 repeated in lanes 8..16 (128-bit blocks 0, 1, 0, 1).
             let both = |v: __m512i| _mm512_shuffle_i64x2::<0b01_00_01_00>(v, v);
-            let mut taps = [0usize; K];
-            let mut w = [_mm512_setzero_si512(); K];
-            for (k, (&tap, (t, w))) in self
-                .taps
-                .iter()
-                .zip(taps.iter_mut().zip(&mut w))
-                .enumerate()
-            {
-                *t = tap;
-                *w = both(load_i32(self.weights, k * 8, half));
-            }
-            let start = both(load_i32(self.bias, 0, half));
-            let (multiplier, left, right) = self.tiles;
-            let m = both(load_i32(multiplier, 0, half));
-            let l = both(load_i32(bytemuck_u32(left), 0, half));
-            let r = both(load_i32(bytemuck_u32(right), 0, half));
+            let Held {
+                taps,
+                w,
+                start,
+                m,
+                l,
+                r,
+            } = self.held::<9>(0, half, both);
             let [images, rows, columns] = self.pixels;
             let [image, row, column] = self.steps;
             // The next pixel's outputs in `out`.
@@ -2415,22 +2482,14 @@ mod avx512 {
         ) {
             let channels = self.channels;
             let lanes = lanes(c, channels);
-            let mut taps = [0usize; K];
-            let mut w = [_mm512_setzero_si512(); K];
-            for (k, (&tap, (t, w))) in self
-                .taps
-                .iter()
-                .zip(taps.iter_mut().zip(&mut w))
-                .enumerate()
-            {
-                *t = tap + c;
-                *w = load_i32(self.weights, k * channels + c, lanes);
-            }
-            let start = load_i32(self.bias, c, lanes);
-            let (multiplier, left, right) = self.tiles;
-            let m = load_i32(multiplier, c, lanes);
-            let l = load_i32(bytemuck_u32(left), c, lanes);
-            let r = load_i32(bytemuck_u32(right), c, lanes);
+            let Held {
+                taps,
+                w,
+                start,
+                m,
+                l,
+                r,
+            } = self.held::<K>(c, lanes, |v| v);
             let [images, rows, columns] = self.pixels;
             let [image, row, column] = self.steps;
             // Output rows of `out`, one per pixel, with each pixel's first input.
@@ -4223,26 +4282,19 @@ mod tests {
         ];
         for (h, w, c, kernel, strides, same, [min, max]) in cases {
             for unsigned in [false, true] {
-                let (oh, pad_h) = QConv::geometry(h, kernel[0], strides[0], 1, same);
-                let (ow, pad_w) = QConv::geometry(w, kernel[1], strides[1], 1, same);
                 let offset = if unsigned { 128 } else { 0 };
-                let op = QAvgPool {
-                    input_hw: [h, w],
-                    kernel,
-                    strides,
-                    pad_before: [pad_h, pad_w],
-                    out_hw: [oh, ow],
-                    output: IntOutput {
-                        zero_point: 0,
-                        min: min + offset,
-                        max: max + offset,
-                        dt: if unsigned {
-                            DatumType::U8
-                        } else {
-                            DatumType::I8
-                        },
+                let output = IntOutput {
+                    zero_point: 0,
+                    min: min + offset,
+                    max: max + offset,
+                    dt: if unsigned {
+                        DatumType::U8
+                    } else {
+                        DatumType::I8
                     },
                 };
+                let op = QAvgPool::new([h, w], kernel, strides, same, output);
+                let ([oh, ow], [pad_h, pad_w]) = (op.out_hw, op.pad_before);
                 let x = values(2 * h * w * c, (h * 31 + c) as u32, -128, 127);
                 let input = if unsigned {
                     let x: Vec<u8> = x.iter().map(|&v| (v + 128) as u8).collect();

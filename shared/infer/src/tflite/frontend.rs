@@ -1260,22 +1260,15 @@ impl<'m> Frontend<'m> {
                     "AVERAGE_POOL_2D {name}: kernel {kernel:?} and strides {strides:?} must be \
                      positive"
                 );
-                let (oh, pad_h) = QConv::geometry(h, kernel[0], strides[0], 1, same);
-                let (ow, pad_w) = QConv::geometry(w, kernel[1], strides[1], 1, same);
+                let output = self.int_output(out, o.fused_activation_function())?;
+                let op = QAvgPool::new([h, w], kernel, strides, same, output);
+                let [oh, ow] = op.out_hw;
                 let declared = self.shape(out)?;
                 ensure!(
                     declared.len() == 4 && declared[1] == oh && declared[2] == ow,
                     "AVERAGE_POOL_2D {name}: computed output {oh}x{ow} does not match the \
                      declared {declared:?}"
                 );
-                let op = QAvgPool {
-                    input_hw: [h, w],
-                    kernel,
-                    strides,
-                    pad_before: [pad_h, pad_w],
-                    out_hw: [oh, ow],
-                    output: self.int_output(out, o.fused_activation_function())?,
-                };
                 return self.node(name, op, &[wire]);
             }
         }

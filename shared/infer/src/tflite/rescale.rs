@@ -229,14 +229,7 @@ impl Rescale {
 
     /// `input` mapped into a new tensor.
     fn map(&self, input: &Tensor) -> TractResult<Tensor> {
-        let (dt, shape) = (self.output_type(), input.shape());
-        // Integer values go to Cascade's kernels, which need no more than `malloc`'s alignment
-        // ([`crate::qkernels::output_tensor`]); floats may go to tract's, aligned as it aligns.
-        let mut out = if dt.is_float() {
-            Tensor::zero_dt(dt, shape)?
-        } else {
-            crate::qkernels::output_tensor(dt, shape)?
-        };
+        let mut out = crate::qkernels::output_tensor(self.output_type(), input.shape())?;
         self.write(input, &mut out)?;
         Ok(out)
     }
