@@ -22,6 +22,8 @@
 //!   int8 with requantization, fp16 weights), falling back to stock tract-tflite.
 //! - `qkernels` *(private)*: integer kernels (fully-connected, convolution, add, mul) with exact
 //!   requantization, TFLite's fixed-point or ONNX's float, which both frontends put into tract.
+//! - `program` *(private)*: graphs made only of Cascade's own operators, run over buffers
+//!   allocated once instead of on tract's plan.
 //! - `tract` *(private)*: what the tract backends share.
 //! - `interpreter` *(private, feature `tflite`)*: TFLite models on the TensorFlow Lite
 //!   interpreter itself (the `tflite` crate): the bit-exact fallback for models tract cannot load.
@@ -42,6 +44,7 @@ mod gpu;
 #[cfg(feature = "tflite")]
 mod interpreter;
 mod onnx;
+mod program;
 mod qkernels;
 mod tflite;
 mod tract;

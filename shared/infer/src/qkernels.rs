@@ -33,6 +33,8 @@ use multiversion::multiversion;
 use tract_core::internal::*;
 use tract_core::ndarray::{ArrayD, IxDyn};
 
+use crate::program::{IntoBuffer, eval_allocating};
+
 /// A real multiplier in TFLite's fixed-point form: `real ≈ multiplier * 2^(shift - 31)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct Multiplier {
@@ -260,65 +262,60 @@ pub(crate) struct IntOutput {
 }
 
 impl IntOutput {
-    /// Clamps `values` and stores them as the output type, allocating only the output tensor;
-    /// with `requantization`, `values` are accumulators (whole rows of its channels), requantized
-    /// and offset by the zero point in the same pass.
-    fn store(
+    /// Clamps `values` and stores them as the output type into `out` (as many elements); with
+    /// `requantization`, `values` are accumulators (whole rows of its channels), requantized and
+    /// offset by the zero point in the same pass.
+    fn store_into(
         &self,
         values: &[i32],
-        shape: &[usize],
+        out: &mut Tensor,
         requantization: Option<&Requantization>,
-    ) -> TractResult<Tensor> {
-        let mut out = output_tensor(self.dt, shape)?;
+    ) -> TractResult<()> {
         ensure!(
             out.len() == values.len(),
-            "{} values for an output of shape {shape:?}",
-            values.len()
+            "{} values for an output of shape {:?}",
+            values.len(),
+            out.shape()
         );
-        {
-            let mut view = out.try_as_plain_ram_mut()?;
-            match self.dt {
-                DatumType::I8 => self.write(values, view.as_slice_mut::<i8>()?, requantization),
-                DatumType::U8 => self.write(values, view.as_slice_mut::<u8>()?, requantization),
-                DatumType::I16 => self.write(values, view.as_slice_mut::<i16>()?, requantization),
-                dt => bail!("unsupported integer output {dt:?}"),
-            }
+        let mut view = out.try_as_plain_ram_mut()?;
+        match self.dt {
+            DatumType::I8 => self.write(values, view.as_slice_mut::<i8>()?, requantization),
+            DatumType::U8 => self.write(values, view.as_slice_mut::<u8>()?, requantization),
+            DatumType::I16 => self.write(values, view.as_slice_mut::<i16>()?, requantization),
+            dt => bail!("unsupported integer output {dt:?}"),
         }
-        Ok(out)
+        Ok(())
     }
 
-    /// The output of `shape` from `kernel`, for `channels`' layer: given `requantized`, the kernel
+    /// The output of `channels`' layer from `kernel`, into `out`: given `requantized`, the kernel
     /// writes the output's bytes itself (and returns no accumulators); else it returns the
     /// accumulators, requantized and stored here.
-    fn produce(
+    fn produce_into(
         &self,
-        shape: &[usize],
+        out: &mut Tensor,
         channels: &Channels,
         requantized: Option<&Requantized>,
         kernel: impl FnOnce(Option<(&mut [u8], &Requantized)>) -> TractResult<Vec<i32>>,
-    ) -> TractResult<Tensor> {
+    ) -> TractResult<()> {
         let Some(requantized) = requantized else {
             let acc = kernel(None)?;
-            return self.store(&acc, shape, Some(&channels.requantization));
+            return self.store_into(&acc, out, Some(&channels.requantization));
         };
-        let mut out = output_tensor(self.dt, shape)?;
-        {
-            let mut view = out.try_as_plain_ram_mut()?;
-            let bytes = match self.dt {
-                DatumType::I8 => bytemuck_u8_mut(view.as_slice_mut::<i8>()?),
-                DatumType::U8 => view.as_slice_mut::<u8>()?,
-                dt => bail!("requantized in registers into 8-bit outputs only, not {dt:?}"),
-            };
-            let rest = kernel(Some((bytes, requantized)))?;
-            ensure!(
-                rest.is_empty(),
-                "a kernel left accumulators besides its bytes"
-            );
-        }
-        Ok(out)
+        let mut view = out.try_as_plain_ram_mut()?;
+        let bytes = match self.dt {
+            DatumType::I8 => bytemuck_u8_mut(view.as_slice_mut::<i8>()?),
+            DatumType::U8 => view.as_slice_mut::<u8>()?,
+            dt => bail!("requantized in registers into 8-bit outputs only, not {dt:?}"),
+        };
+        let rest = kernel(Some((bytes, requantized)))?;
+        ensure!(
+            rest.is_empty(),
+            "a kernel left accumulators besides its bytes"
+        );
+        Ok(())
     }
 
-    /// [`IntOutput::store`] into a slice of the output type.
+    /// [`IntOutput::store_into`] into a slice of the output type.
     fn write<T: Narrow>(
         &self,
         values: &[i32],
@@ -917,14 +914,26 @@ impl EvalOp for QFullyConnected {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let input = &inputs[0];
+        eval_allocating(self, &inputs)
+    }
+}
+
+impl IntoBuffer for QFullyConnected {
+    fn output_for(&self, inputs: &[&Tensor]) -> TractResult<(DatumType, TVec<usize>)> {
         let c = &self.channels;
+        let len = inputs[0].len();
         ensure!(
-            c.depth > 0 && input.len().is_multiple_of(c.depth),
+            c.depth > 0 && len.is_multiple_of(c.depth),
             "input does not hold whole rows of {}",
             c.depth
         );
-        let rows = input.len() / c.depth;
+        Ok((self.output.dt, tvec![len / c.depth, c.outputs]))
+    }
+
+    fn eval_into(&self, inputs: &[&Tensor], out: &mut Tensor) -> TractResult<()> {
+        let input = inputs[0];
+        let c = &self.channels;
+        let rows = out.shape()[0];
         // The raw values are read in place: this layer is often a whole model's only real work,
         // and on small models an extra copy of the input costs as much as the products.
         let bytes = input.as_bytes();
@@ -934,15 +943,14 @@ impl EvalOp for QFullyConnected {
         let requantized = quads
             .then(|| Requantized::new(c, offset, &self.output))
             .flatten();
-        let shape = [rows, c.outputs];
-        let out = self.output.produce(&shape, c, requantized.as_ref(), |to| {
-            Ok(match dt {
-                DatumType::I8 => fully_connected(c, bytemuck_i8(bytes), rows, offset, to),
-                DatumType::U8 => fully_connected(c, bytes, rows, offset, to),
-                _ => fully_connected(c, &widen(input)?, rows, offset, to),
+        self.output
+            .produce_into(out, c, requantized.as_ref(), |to| {
+                Ok(match dt {
+                    DatumType::I8 => fully_connected(c, bytemuck_i8(bytes), rows, offset, to),
+                    DatumType::U8 => fully_connected(c, bytes, rows, offset, to),
+                    _ => fully_connected(c, &widen(input)?, rows, offset, to),
+                })
             })
-        })?;
-        Ok(tvec!(out.into_tvalue()))
     }
 }
 
@@ -1127,8 +1135,9 @@ impl QConv {
 
     /// [`depthwise`] on AVX-512 ([`avx512::Depthwise`]): the input padded with its zero point
     /// as raw bytes (a quarter of the centered `i32` copy), and every register requantized and
-    /// stored as the output's bytes once its taps are summed, so no accumulator goes to memory.
-    /// `None` where that does not apply: a CPU without AVX-512, other than 8-bit input and
+    /// stored as the output's bytes (in `out`) once its taps are summed, so no accumulator goes
+    /// to memory. False, with `out` untouched, where that does not apply: a CPU without AVX-512,
+    /// other than 8-bit input and
     /// output, ONNX's float requantization, more than [`avx512::MAX_TAPS`] taps, or a zero point
     /// outside the input's type.
     #[cfg(target_arch = "x86_64")]
@@ -1136,21 +1145,22 @@ impl QConv {
         &self,
         input: &Tensor,
         [n, h, w]: [usize; 3],
-    ) -> TractResult<Option<Tensor>> {
+        out: &mut Tensor,
+    ) -> TractResult<bool> {
         let c = &self.channels;
         let Some(tiles) = c.requantization.tiles() else {
-            return Ok(None);
+            return Ok(false);
         };
         let zp = c.x_zero_point;
         let (signed, padding) = match input.datum_type().unquantized() {
             DatumType::I8 => (true, i8::try_from(zp).ok().map(|v| v as u8)),
             DatumType::U8 => (false, u8::try_from(zp).ok()),
-            _ => return Ok(None),
+            _ => return Ok(false),
         };
         let output_bytes = matches!(self.output.dt, DatumType::I8 | DatumType::U8);
         let small = self.kernel[0] * self.kernel[1] <= avx512::MAX_TAPS;
         let (Some(padding), true, true, true) = (padding, output_bytes, small, avx512()) else {
-            return Ok(None);
+            return Ok(false);
         };
         let ch = self.in_channels;
         let [kh, kw] = self.kernel;
@@ -1176,7 +1186,6 @@ impl QConv {
             tiles,
             output: [self.output.zero_point, self.output.min, self.output.max],
         };
-        let mut out = output_tensor(self.output.dt, &[n, oh, ow, ch])?;
         {
             let mut view = out.try_as_plain_ram_mut()?;
             #[allow(unsafe_code)]
@@ -1190,7 +1199,7 @@ impl QConv {
                 }
             }
         }
-        Ok(Some(out))
+        Ok(true)
     }
 
     /// The input as the bytes of [`Packing::Quads`] (`x - x_zero_point + offset`), in
@@ -1666,20 +1675,36 @@ impl EvalOp for QConv {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let shape = inputs[0].shape().to_vec();
+        eval_allocating(self, &inputs)
+    }
+}
+
+impl IntoBuffer for QConv {
+    fn output_for(&self, inputs: &[&Tensor]) -> TractResult<(DatumType, TVec<usize>)> {
+        let shape = inputs[0].shape();
         ensure!(
             shape.len() == 4 && shape[3] == self.in_channels,
             "QConv takes NHWC with {} channels, got {shape:?}",
             self.in_channels
         );
-        let (n, h, w) = (shape[0], shape[1], shape[2]);
+        let [oh, ow] = self.out_hw;
+        Ok((
+            self.output.dt,
+            tvec![shape[0], oh, ow, self.channels.outputs],
+        ))
+    }
+
+    fn eval_into(&self, inputs: &[&Tensor], out: &mut Tensor) -> TractResult<()> {
+        let input = inputs[0];
+        let &[n, h, w, _] = input.shape() else {
+            bail!("QConv takes NHWC, got {:?}", input.shape());
+        };
         let channel_wise = self.groups == self.in_channels
             && self.channels.outputs == self.in_channels
             && self.channels.weight_zero_points.is_none();
-        let input = &inputs[0];
         #[cfg(target_arch = "x86_64")]
-        if channel_wise && let Some(out) = self.depthwise_avx512(input, [n, h, w])? {
-            return Ok(tvec!(out.into_tvalue()));
+        if channel_wise && self.depthwise_avx512(input, [n, h, w], out)? {
+            return Ok(());
         }
         let dt = input.datum_type().unquantized();
         let offset = self.channels.quad_offset(dt);
@@ -1692,9 +1717,7 @@ impl EvalOp for QConv {
             .flatten();
         // 8-bit values are read in place.
         let bytes = input.as_bytes();
-        let [oh, ow] = self.out_hw;
-        let shape = [n, oh, ow, self.channels.outputs];
-        let out = (self.output).produce(&shape, &self.channels, requantized.as_ref(), |to| {
+        (self.output).produce_into(out, &self.channels, requantized.as_ref(), |to| {
             Ok(match (channel_wise, dt, packing) {
                 (true, DatumType::I8, _) => depthwise(self, bytemuck_i8(bytes), n, h, w),
                 (true, DatumType::U8, _) => depthwise(self, bytes, n, h, w),
@@ -1709,8 +1732,7 @@ impl EvalOp for QConv {
                 (false, DatumType::U8, None) => grouped(self, bytes, n, h, w),
                 (false, _, _) => grouped(self, &widen(input)?, n, h, w),
             })
-        })?;
-        Ok(tvec!(out.into_tvalue()))
+        })
     }
 }
 
@@ -1909,26 +1931,32 @@ impl EvalOp for QAdd {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let (a, b) = (&inputs[0], &inputs[1]);
-        let (da, db) = (a.datum_type(), b.datum_type());
+        eval_allocating(self, &inputs)
+    }
+}
+
+impl IntoBuffer for QAdd {
+    fn output_for(&self, inputs: &[&Tensor]) -> TractResult<(DatumType, TVec<usize>)> {
+        let (a, b) = (inputs[0], inputs[1]);
         ensure!(
-            matches!(da.unquantized(), DatumType::I8 | DatumType::U8)
-                && matches!(db.unquantized(), DatumType::I8 | DatumType::U8),
+            matches!(a.datum_type().unquantized(), DatumType::I8 | DatumType::U8)
+                && matches!(b.datum_type().unquantized(), DatumType::I8 | DatumType::U8),
             "QAdd takes 8-bit inputs"
         );
         let shape = tract_core::broadcast::multi_broadcast(&[a.shape(), b.shape()])
             .context("operands do not broadcast")?;
-        let mut out = output_tensor(self.output.dt, &shape)?;
-        {
-            let mut view = out.try_as_plain_ram_mut()?;
-            match self.output.dt {
-                DatumType::I8 => self.write(a, b, view.as_slice_mut::<i8>()?)?,
-                DatumType::U8 => self.write(a, b, view.as_slice_mut::<u8>()?)?,
-                DatumType::I16 => self.write(a, b, view.as_slice_mut::<i16>()?)?,
-                dt => bail!("unsupported integer output {dt:?}"),
-            }
+        Ok((self.output.dt, shape))
+    }
+
+    fn eval_into(&self, inputs: &[&Tensor], out: &mut Tensor) -> TractResult<()> {
+        let (a, b) = (inputs[0], inputs[1]);
+        let mut view = out.try_as_plain_ram_mut()?;
+        match self.output.dt {
+            DatumType::I8 => self.write(a, b, view.as_slice_mut::<i8>()?),
+            DatumType::U8 => self.write(a, b, view.as_slice_mut::<u8>()?),
+            DatumType::I16 => self.write(a, b, view.as_slice_mut::<i16>()?),
+            dt => bail!("unsupported integer output {dt:?}"),
         }
-        Ok(tvec!(out.into_tvalue()))
     }
 }
 
@@ -2049,7 +2077,13 @@ impl EvalOp for QAvgPool {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let x = &inputs[0];
+        eval_allocating(self, &inputs)
+    }
+}
+
+impl IntoBuffer for QAvgPool {
+    fn output_for(&self, inputs: &[&Tensor]) -> TractResult<(DatumType, TVec<usize>)> {
+        let x = inputs[0];
         let &[n, h, w, c] = x.shape() else {
             bail!("QAvgPool takes NHWC, got {:?}", x.shape());
         };
@@ -2064,19 +2098,24 @@ impl EvalOp for QAvgPool {
             self.output.dt
         );
         let [oh, ow] = self.out_hw;
-        let mut out = output_tensor(self.output.dt, &[n, oh, ow, c])?;
-        {
-            let mut view = out.try_as_plain_ram_mut()?;
-            let bytes = x.as_bytes();
-            match self.output.dt {
-                DatumType::I8 => {
-                    self.pool(bytemuck_i8(bytes), [n, h, w, c], view.as_slice_mut::<i8>()?)
-                }
-                DatumType::U8 => self.pool(bytes, [n, h, w, c], view.as_slice_mut::<u8>()?),
-                dt => bail!("QAvgPool takes 8-bit values, not {dt:?}"),
+        Ok((self.output.dt, tvec![n, oh, ow, c]))
+    }
+
+    fn eval_into(&self, inputs: &[&Tensor], out: &mut Tensor) -> TractResult<()> {
+        let x = inputs[0];
+        let &[n, h, w, c] = x.shape() else {
+            bail!("QAvgPool takes NHWC, got {:?}", x.shape());
+        };
+        let mut view = out.try_as_plain_ram_mut()?;
+        let bytes = x.as_bytes();
+        match self.output.dt {
+            DatumType::I8 => {
+                self.pool(bytemuck_i8(bytes), [n, h, w, c], view.as_slice_mut::<i8>()?)
             }
+            DatumType::U8 => self.pool(bytes, [n, h, w, c], view.as_slice_mut::<u8>()?),
+            dt => bail!("QAvgPool takes 8-bit values, not {dt:?}"),
         }
-        Ok(tvec!(out.into_tvalue()))
+        Ok(())
     }
 }
 
@@ -2121,8 +2160,19 @@ impl EvalOp for QMul {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let (a, b) = broadcast_pair(&inputs[0], &inputs[1])?;
-        let shape = a.shape().to_vec();
+        eval_allocating(self, &inputs)
+    }
+}
+
+impl IntoBuffer for QMul {
+    fn output_for(&self, inputs: &[&Tensor]) -> TractResult<(DatumType, TVec<usize>)> {
+        let shape = tract_core::broadcast::multi_broadcast(&[inputs[0].shape(), inputs[1].shape()])
+            .context("operands do not broadcast")?;
+        Ok((self.output.dt, shape))
+    }
+
+    fn eval_into(&self, inputs: &[&Tensor], out: &mut Tensor) -> TractResult<()> {
+        let (a, b) = broadcast_pair(inputs[0], inputs[1])?;
         let values = a
             .iter()
             .zip(b.iter())
@@ -2132,9 +2182,7 @@ impl EvalOp for QMul {
                     + self.output.zero_point
             })
             .collect::<Vec<_>>();
-        Ok(tvec!(
-            self.output.store(&values, &shape, None)?.into_tvalue()
-        ))
+        self.output.store_into(&values, out, None)
     }
 }
 
@@ -3121,6 +3169,18 @@ mod madd {
 mod tests {
     use super::*;
 
+    /// `acc` requantized (or narrowed) and stored as `output` stores a layer's accumulators.
+    fn stored(
+        output: &IntOutput,
+        acc: &[i32],
+        shape: &[usize],
+        requantization: Option<&Requantization>,
+    ) -> Tensor {
+        let mut out = output_tensor(output.dt, shape).unwrap();
+        output.store_into(acc, &mut out, requantization).unwrap();
+        out
+    }
+
     #[test]
     fn multiplier_matches_tflite_examples() {
         // QuantizeMultiplier(0.5) = (2^30, 0); QuantizeMultiplier(0.25) = (2^30, -1).
@@ -3919,7 +3979,7 @@ mod tests {
         // The portable kernel too, which a CPU with AVX-512 passes over.
         let shape = [batch, 4, 3, ch];
         let requantization = Some(&conv.channels.requantization);
-        let stored = |acc: Vec<i32>| conv.output.store(&acc, &shape, requantization).unwrap();
+        let stored = |acc: Vec<i32>| stored(&conv.output, &acc, &shape, requantization);
         let portable = stored(depthwise(&conv, &x, batch, h, w_));
         assert_eq!(portable.as_bytes(), &unsigned[..], "{what}, portable");
         let portable = stored(depthwise(&conv, &signed, batch, h, w_));
@@ -3981,10 +4041,7 @@ mod tests {
                 .collect();
             assert_eq!(eval_on(&conv, &[1, h, w, ch], &x), expected, "{what}");
             let portable = depthwise(&conv, &x, 1, h, w);
-            let portable = conv
-                .output
-                .store(&portable, &shape, requantization)
-                .unwrap();
+            let portable = stored(&conv.output, &portable, &shape, requantization);
             assert_eq!(portable.as_bytes(), &expected[..], "{what}, portable");
             let codes: Vec<i32> = signed.iter().map(|&v| i32::from(v)).collect();
             let expected = direct_conv(&conv, case, (&codes, X_ZP), (&weights, &[]), &bias);
@@ -4048,10 +4105,7 @@ mod tests {
             assert_eq!(out, expected, "input zero point {x_zp}");
             let acc = depthwise(&conv, &signed, 1, 5, 6);
             let requantization = Some(&conv.channels.requantization);
-            let portable = conv
-                .output
-                .store(&acc, &[1, 5, 6, ch], requantization)
-                .unwrap();
+            let portable = stored(&conv.output, &acc, &[1, 5, 6, ch], requantization);
             assert_eq!(
                 portable.as_bytes(),
                 &expected[..],

@@ -207,6 +207,22 @@ impl Tensor {
     }
 }
 
+/// The elements' bytes in memory (native byte order), when they lie in C order without gaps.
+pub(crate) fn as_ne_bytes(t: &Tensor) -> Option<&[u8]> {
+    fn bytes<T: bytemuck::NoUninit>(a: &ArrayD<T>) -> Option<&[u8]> {
+        a.as_slice().map(bytemuck::cast_slice)
+    }
+    match t {
+        Tensor::F32(a) => bytes(a),
+        Tensor::I8(a) => bytes(a),
+        Tensor::U8(a) => bytes(a),
+        Tensor::I16(a) => bytes(a),
+        Tensor::I32(a) => bytes(a),
+        Tensor::I64(a) => bytes(a),
+        Tensor::Bool(a) => bytes(a),
+    }
+}
+
 /// The elements as bytes in C order and native byte order: how a C++ engine holds a tensor.
 #[cfg(any(test, feature = "tflite"))]
 pub(crate) fn to_ne_bytes(t: &Tensor) -> Vec<u8> {

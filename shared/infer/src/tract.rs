@@ -9,12 +9,16 @@ use tract_linalg::multithread::Executor;
 
 use crate::error::InferError;
 use crate::model::{Dim, QuantParams, TensorSpec};
+use crate::program::Program;
 use crate::tensor::{DType, Tensor};
 
 /// A compiled, runnable tract model.
 #[derive(Debug)]
 pub(crate) struct Plan {
     runnable: Arc<TypedRunnableModel>,
+    /// The same graph as a straight-line program over preallocated buffers, where every node is
+    /// one of Cascade's own operators (see [`Program`]); it runs instead of tract's plan.
+    program: Option<Program>,
     /// Run states kept between calls: making one allocates, and small models feel it.
     states: std::sync::Mutex<Vec<TypedSimpleState>>,
 }
@@ -39,14 +43,37 @@ impl Plan {
             executor: Some(executor.clone()),
             ..RunOptions::default()
         };
+        let runnable = model.into_runnable_with_options(&options)?;
+        let program = Program::new(&runnable)
+            .inspect_err(|why| tracing::debug!(why, "the model runs on tract's plan"))
+            .ok();
         Ok(Plan {
-            runnable: model.into_runnable_with_options(&options)?,
+            runnable,
+            program,
             states: std::sync::Mutex::new(Vec::new()),
         })
     }
 
     /// Runs the plan; `inputs` are already checked against the model's specs.
     pub(crate) fn run(
+        &self,
+        inputs: Vec<Tensor>,
+        input_types: &[DatumType],
+    ) -> TractResult<Vec<Tensor>> {
+        match &self.program {
+            Some(program) => program.run(&inputs, None),
+            None => self.run_on_tract(inputs, input_types),
+        }
+    }
+
+    /// The program this plan runs instead of tract's, if the graph qualified for one.
+    #[cfg(test)]
+    pub(crate) fn program(&self) -> Option<&Program> {
+        self.program.as_ref()
+    }
+
+    /// Runs the plan on tract's `SimpleState`, even where it has a program.
+    pub(crate) fn run_on_tract(
         &self,
         inputs: Vec<Tensor>,
         input_types: &[DatumType],
@@ -77,14 +104,21 @@ impl Plan {
         runs: usize,
     ) -> TractResult<Vec<crate::model::OpTime>> {
         use std::time::{Duration, Instant};
+        let runs = runs.max(1);
+        let mut totals: HashMap<usize, Duration> = HashMap::default();
+        if let Some(program) = &self.program {
+            let mut time = |node: usize, took: Duration| *totals.entry(node).or_default() += took;
+            for _ in 0..runs {
+                program.run(&inputs, Some(&mut time))?;
+            }
+            return Ok(self.slowest(totals, runs));
+        }
         let inputs = inputs
             .into_iter()
             .zip(input_types)
             .map(|(t, dt)| to_tract(t, *dt).map(TValue::from))
             .collect::<TractResult<TVec<_>>>()?;
         let mut state = self.runnable.spawn()?;
-        let mut totals: HashMap<usize, Duration> = HashMap::default();
-        let runs = runs.max(1);
         for _ in 0..runs {
             state.run_plan_with_eval(inputs.clone(), |ctx, op_state, node, input| {
                 let started = Instant::now();
@@ -93,6 +127,15 @@ impl Plan {
                 out
             })?;
         }
+        Ok(self.slowest(totals, runs))
+    }
+
+    /// Each node's mean time over `runs` from its `totals`, the slowest first.
+    fn slowest(
+        &self,
+        totals: HashMap<usize, std::time::Duration>,
+        runs: usize,
+    ) -> Vec<crate::model::OpTime> {
         let model = self.runnable.model();
         let mut times: Vec<crate::model::OpTime> = totals
             .into_iter()
@@ -103,7 +146,7 @@ impl Plan {
             })
             .collect();
         times.sort_by_key(|t| std::cmp::Reverse(t.mean));
-        Ok(times)
+        times
     }
 
     /// The datum types the plan's inputs expect (quantized types included).

@@ -3,6 +3,8 @@
 mod frontend;
 mod rescale;
 
+pub(crate) use rescale::{QSoftmax, Rescale};
+
 #[cfg(feature = "tflite")]
 pub(crate) use frontend::describe;
 
@@ -143,4 +145,108 @@ fn load_failure(
         detail,
         hint: HINT.to_string(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::program::POISON;
+
+    /// The bundled int8 TFLite model: QUANTIZE, fully-connected layers, SOFTMAX, DEQUANTIZE.
+    fn digits() -> TfliteModel {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../models/digits-edge.int8.tflite"
+        );
+        let bytes = std::fs::read(path).unwrap();
+        load(&bytes, path, &LoadOptions::default()).unwrap()
+    }
+
+    /// Distinct images for the model's `[1, 64]` input: pixel values 0..=16, as the data set's.
+    fn image(seed: usize) -> Vec<Tensor> {
+        let pixels = (0..64).map(|i| ((i * 7 + seed * 13) % 17) as f32).collect();
+        vec![Tensor::from_f32(&[1, 64], pixels).unwrap()]
+    }
+
+    fn bits(outputs: &[Tensor]) -> Vec<Vec<u8>> {
+        outputs
+            .iter()
+            .map(|t| crate::tensor::as_ne_bytes(t).unwrap().to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn an_int8_model_runs_as_a_program_bit_for_bit_with_tracts_plan() {
+        let model = digits();
+        assert!(model.plan.program().is_some(), "every node is Cascade's");
+        // Alternating inputs: each run overwrites the buffers of the one before.
+        for seed in [0, 1, 2, 1, 0, 3] {
+            let ours = model.plan.run(image(seed), &model.input_types).unwrap();
+            let tract = model
+                .plan
+                .run_on_tract(image(seed), &model.input_types)
+                .unwrap();
+            assert_eq!(bits(&ours), bits(&tract), "image {seed}");
+        }
+        // Some inputs must differ in outcome, or the comparison above says little.
+        let a = model.plan.run(image(0), &model.input_types).unwrap();
+        let b = model.plan.run(image(1), &model.input_types).unwrap();
+        assert_ne!(bits(&a), bits(&b));
+    }
+
+    #[test]
+    fn a_program_overwrites_whatever_its_buffers_held() {
+        let model = digits();
+        let program = model.plan.program().unwrap();
+        let mut clean = program.allocate().unwrap();
+        let mut poisoned = program.allocate().unwrap();
+        for buffer in &mut poisoned {
+            buffer.as_bytes_mut().fill(POISON);
+        }
+        let expected = program.run_in(&mut clean, &image(5), &mut None).unwrap();
+        let got = program.run_in(&mut poisoned, &image(5), &mut None).unwrap();
+        assert_eq!(bits(&got), bits(&expected));
+    }
+
+    #[test]
+    fn a_program_refuses_an_input_of_another_type_or_shape() {
+        let model = digits();
+        let program = model.plan.program().unwrap();
+        let ints = vec![Tensor::I32(ndarray::ArrayD::zeros(vec![1, 64]))];
+        let error = program.run(&ints, None).unwrap_err();
+        assert!(error.to_string().contains("int32"), "{error}");
+        let wide = vec![Tensor::from_f32(&[1, 65], vec![0.0; 65]).unwrap()];
+        let error = program.run(&wide, None).unwrap_err();
+        assert!(error.to_string().contains("[1, 65]"), "{error}");
+        assert!(program.run(&[], None).is_err());
+        // Refusals leave the program usable.
+        program.run(&image(0), None).unwrap();
+    }
+
+    #[test]
+    fn concurrent_callers_each_get_their_own_buffers() {
+        let model = digits();
+        let expected: Vec<_> = (0..8)
+            .map(|seed| {
+                bits(
+                    &model
+                        .plan
+                        .run_on_tract(image(seed), &model.input_types)
+                        .unwrap(),
+                )
+            })
+            .collect();
+        std::thread::scope(|scope| {
+            for thread in 0..4 {
+                let (model, expected) = (&model, &expected);
+                scope.spawn(move || {
+                    for round in 0..200 {
+                        let seed = (thread + round) % 8;
+                        let got = model.plan.run(image(seed), &model.input_types).unwrap();
+                        assert_eq!(bits(&got), expected[seed], "thread {thread}, image {seed}");
+                    }
+                });
+            }
+        });
+    }
 }

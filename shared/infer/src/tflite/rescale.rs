@@ -12,6 +12,7 @@
 //! pass applies both mappings per element, each still rounding and saturating as its own
 //! operator would.
 
+use crate::program::{IntoBuffer, eval_allocating};
 use crate::qkernels::Narrow;
 use multiversion::multiversion;
 use tract_core::internal::*;
@@ -235,6 +236,16 @@ impl Rescale {
     }
 }
 
+impl IntoBuffer for Rescale {
+    fn output_for(&self, inputs: &[&Tensor]) -> TractResult<(DatumType, TVec<usize>)> {
+        Ok((self.output_type(), inputs[0].shape().into()))
+    }
+
+    fn eval_into(&self, inputs: &[&Tensor], out: &mut Tensor) -> TractResult<()> {
+        self.write(inputs[0], out)
+    }
+}
+
 impl Op for Rescale {
     fn name(&self) -> StaticName {
         "Rescale".into()
@@ -260,7 +271,7 @@ impl EvalOp for Rescale {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        Ok(tvec!(self.map(&inputs[0])?.into_tvalue()))
+        eval_allocating(self, &inputs)
     }
 }
 
@@ -408,7 +419,17 @@ impl EvalOp for QSoftmax {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let input = &inputs[0];
+        eval_allocating(self, &inputs)
+    }
+}
+
+impl IntoBuffer for QSoftmax {
+    fn output_for(&self, inputs: &[&Tensor]) -> TractResult<(DatumType, TVec<usize>)> {
+        Ok((self.encode.output_type(), inputs[0].shape().into()))
+    }
+
+    fn eval_into(&self, inputs: &[&Tensor], out: &mut Tensor) -> TractResult<()> {
+        let input = inputs[0];
         let row = input.shape().last().copied().unwrap_or(1).max(1);
         let mut real = self.decode.map(input)?;
         {
@@ -417,7 +438,7 @@ impl EvalOp for QSoftmax {
                 softmax(values, self.beta);
             }
         }
-        Ok(tvec!(self.encode.map(&real)?.into_tvalue()))
+        self.encode.write(&real, out)
     }
 }
 
