@@ -30,13 +30,16 @@ use crate::tflite::{QSoftmax, Rescale};
 pub(crate) trait IntoBuffer {
     /// The output's storage type and shape for these inputs, or an error naming what about the
     /// inputs does not fit the operator.
-    fn output_for(&self, inputs: &[&Tensor]) -> TractResult<(DatumType, TVec<usize>)>;
+    fn output_for(&self, inputs: &[&Tensor]) -> TractResult<OutputType>;
 
     /// Computes the output into `out`, which has the type and shape [`IntoBuffer::output_for`]
     /// gives for `inputs`. Every element is written: a program's buffers hold the previous
     /// run's values.
     fn eval_into(&self, inputs: &[&Tensor], out: &mut Tensor) -> TractResult<()>;
 }
+
+/// An output's storage type and shape.
+pub(crate) type OutputType = (DatumType, TVec<usize>);
 
 /// `op` on `inputs` into a new tensor: the `EvalOp::eval` of every [`IntoBuffer`] operator.
 pub(crate) fn eval_allocating(
@@ -58,15 +61,77 @@ pub(crate) fn eval_allocating(
 #[cfg(test)]
 pub(crate) const POISON: u8 = 0xa5;
 
-/// How a step computes its node's output from its inputs.
-type StepFn = fn(&TypedNode, &[&Tensor], &mut Tensor) -> TractResult<()>;
+/// A step's operator, reached through its node: [`IntoBuffer`]'s two methods for the operator
+/// type the program found there.
+#[derive(Clone, Copy)]
+struct Kernel {
+    output_for: fn(&TypedNode, &[&Tensor]) -> TractResult<OutputType>,
+    eval_into: fn(&TypedNode, &[&Tensor], &mut Tensor) -> TractResult<()>,
+}
+
+impl std::fmt::Debug for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Kernel")
+    }
+}
+
+impl Kernel {
+    /// The kernel of operator type `K`.
+    fn of<K: IntoBuffer + Op>() -> Kernel {
+        fn op<K: Op>(node: &TypedNode) -> TractResult<&K> {
+            node.op_as::<K>()
+                .with_context(|| format!("program step {node} changed operator"))
+        }
+        Kernel {
+            output_for: |node, inputs| op::<K>(node)?.output_for(inputs),
+            eval_into: |node, inputs, out| op::<K>(node)?.eval_into(inputs, out),
+        }
+    }
+
+    /// The kernel for `node`'s operator, if it is one a program runs.
+    fn for_node(node: &TypedNode) -> Option<Kernel> {
+        let op = node.op();
+        let kernels: [(bool, fn() -> Kernel); 8] = [
+            (op.is::<Rescale>(), Kernel::of::<Rescale>),
+            (op.is::<QSoftmax>(), Kernel::of::<QSoftmax>),
+            (op.is::<QFullyConnected>(), Kernel::of::<QFullyConnected>),
+            (op.is::<QConv>(), Kernel::of::<QConv>),
+            (op.is::<QAdd>(), Kernel::of::<QAdd>),
+            (op.is::<QMul>(), Kernel::of::<QMul>),
+            (op.is::<QAvgPool>(), Kernel::of::<QAvgPool>),
+            (op.is::<IntoShape>(), Kernel::of::<IntoShape>),
+        ];
+        kernels
+            .into_iter()
+            .find(|(is, _)| *is)
+            .map(|(_, kernel)| kernel())
+    }
+}
+
+/// tract's reshape of contiguous values: the same bytes under the output's shape.
+impl IntoBuffer for IntoShape {
+    fn output_for(&self, inputs: &[&Tensor]) -> TractResult<OutputType> {
+        ensure!(
+            inputs[0].len() == self.len,
+            "a reshape of {} values given {}",
+            self.len,
+            inputs[0].len()
+        );
+        Ok((inputs[0].datum_type(), self.dims.clone()))
+    }
+
+    fn eval_into(&self, inputs: &[&Tensor], out: &mut Tensor) -> TractResult<()> {
+        out.as_bytes_mut().copy_from_slice(inputs[0].as_bytes());
+        Ok(())
+    }
+}
 
 /// One node of the program.
 #[derive(Debug)]
 struct Step {
     /// The node in the plan's model, whose operator runs.
     node: usize,
-    run: StepFn,
+    kernel: Kernel,
     /// Buffers read, all of earlier steps or model inputs (so below `output`).
     inputs: TVec<usize>,
     /// The buffer written.
@@ -80,45 +145,13 @@ pub(crate) struct Program {
     runnable: Arc<TypedRunnableModel>,
     steps: Vec<Step>,
     /// The storage type and shape of each buffer, in evaluation order.
-    buffers: Vec<(DatumType, TVec<usize>)>,
+    buffers: Vec<OutputType>,
     /// The buffer holding each model input, in the model's input order.
     inputs: Vec<usize>,
     /// The buffer holding each model output, in the model's output order.
     outputs: Vec<usize>,
     /// Buffer sets of earlier runs, one per concurrent caller.
     idle: Mutex<Vec<Vec<Tensor>>>,
-}
-
-/// The step function for `node`'s operator, if it is one a program runs.
-fn step_fn(node: &TypedNode) -> Option<StepFn> {
-    fn kernel<K: IntoBuffer + Op>(
-        node: &TypedNode,
-        inputs: &[&Tensor],
-        out: &mut Tensor,
-    ) -> TractResult<()> {
-        let op = node
-            .op_as::<K>()
-            .with_context(|| format!("program step {node} changed operator"))?;
-        op.eval_into(inputs, out)
-    }
-    /// A reshape of contiguous values (tract's `IntoShape`): the same bytes under the output's
-    /// shape, which the buffer already has.
-    fn reshape(_: &TypedNode, inputs: &[&Tensor], out: &mut Tensor) -> TractResult<()> {
-        out.as_bytes_mut().copy_from_slice(inputs[0].as_bytes());
-        Ok(())
-    }
-    let op = node.op();
-    let kernels: [(bool, StepFn); 8] = [
-        (op.is::<Rescale>(), kernel::<Rescale>),
-        (op.is::<QSoftmax>(), kernel::<QSoftmax>),
-        (op.is::<QFullyConnected>(), kernel::<QFullyConnected>),
-        (op.is::<QConv>(), kernel::<QConv>),
-        (op.is::<QAdd>(), kernel::<QAdd>),
-        (op.is::<QMul>(), kernel::<QMul>),
-        (op.is::<QAvgPool>(), kernel::<QAvgPool>),
-        (op.is::<IntoShape>(), reshape),
-    ];
-    kernels.into_iter().find(|(is, _)| *is).map(|(_, run)| run)
 }
 
 impl Program {
@@ -147,7 +180,8 @@ impl Program {
             if node.op_is::<TypedSource>() {
                 continue;
             }
-            let run = step_fn(node).ok_or_else(|| format!("{node} runs on tract only"))?;
+            let kernel =
+                Kernel::for_node(node).ok_or_else(|| format!("{node} runs on tract only"))?;
             let inputs = node
                 .inputs
                 .iter()
@@ -158,7 +192,7 @@ impl Program {
                 .collect::<Result<_, _>>()?;
             steps.push(Step {
                 node: id,
-                run,
+                kernel,
                 inputs,
                 output: buffer,
             });
@@ -174,14 +208,39 @@ impl Program {
         };
         let inputs = buffers_of(model.input_outlets().map_err(|e| e.to_string())?)?;
         let outputs = buffers_of(model.output_outlets().map_err(|e| e.to_string())?)?;
-        Ok(Program {
+        let program = Program {
             runnable: runnable.clone(),
             steps,
             buffers,
             inputs,
             outputs,
             idle: Mutex::new(Vec::new()),
-        })
+        };
+        program.check_buffers()?;
+        Ok(program)
+    }
+
+    /// Checks once that every step's operator, given its input buffers, computes an output of its
+    /// buffer's type and shape: the buffers come from tract's facts, and the kernels write into
+    /// them without checking on every run.
+    fn check_buffers(&self) -> Result<(), String> {
+        let buffers = self.allocate().map_err(|e| e.to_string())?;
+        let model = self.runnable.model();
+        for step in &self.steps {
+            let node = &model.nodes[step.node];
+            let inputs: TVec<&Tensor> = step.inputs.iter().map(|&b| &buffers[b]).collect();
+            let (dt, shape) =
+                (step.kernel.output_for)(node, &inputs).map_err(|e| format!("{node}: {e}"))?;
+            let buffer = &buffers[step.output];
+            if dt.unquantized() != buffer.datum_type().unquantized() || *shape != *buffer.shape() {
+                return Err(format!(
+                    "{node} computes {dt:?} {shape:?} where its fact says {:?} {:?}",
+                    buffer.datum_type(),
+                    buffer.shape()
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// A new set of buffers, one per node output.
@@ -252,7 +311,7 @@ impl Program {
             let started = time.is_some().then(std::time::Instant::now);
             let (done, rest) = buffers.split_at_mut(step.output);
             let ins: TVec<&Tensor> = step.inputs.iter().map(|&b| &done[b]).collect();
-            (step.run)(&model.nodes[step.node], &ins, &mut rest[0])?;
+            (step.kernel.eval_into)(&model.nodes[step.node], &ins, &mut rest[0])?;
             if let (Some(time), Some(started)) = (time.as_mut(), started) {
                 time(step.node, started.elapsed());
             }

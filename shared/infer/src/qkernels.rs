@@ -33,7 +33,7 @@ use multiversion::multiversion;
 use tract_core::internal::*;
 use tract_core::ndarray::{ArrayD, IxDyn};
 
-use crate::program::{IntoBuffer, eval_allocating};
+use crate::program::{IntoBuffer, OutputType, eval_allocating};
 
 /// A real multiplier in TFLite's fixed-point form: `real ≈ multiplier * 2^(shift - 31)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -919,7 +919,7 @@ impl EvalOp for QFullyConnected {
 }
 
 impl IntoBuffer for QFullyConnected {
-    fn output_for(&self, inputs: &[&Tensor]) -> TractResult<(DatumType, TVec<usize>)> {
+    fn output_for(&self, inputs: &[&Tensor]) -> TractResult<OutputType> {
         let c = &self.channels;
         let len = inputs[0].len();
         ensure!(
@@ -1680,7 +1680,7 @@ impl EvalOp for QConv {
 }
 
 impl IntoBuffer for QConv {
-    fn output_for(&self, inputs: &[&Tensor]) -> TractResult<(DatumType, TVec<usize>)> {
+    fn output_for(&self, inputs: &[&Tensor]) -> TractResult<OutputType> {
         let shape = inputs[0].shape();
         ensure!(
             shape.len() == 4 && shape[3] == self.in_channels,
@@ -1936,7 +1936,7 @@ impl EvalOp for QAdd {
 }
 
 impl IntoBuffer for QAdd {
-    fn output_for(&self, inputs: &[&Tensor]) -> TractResult<(DatumType, TVec<usize>)> {
+    fn output_for(&self, inputs: &[&Tensor]) -> TractResult<OutputType> {
         let (a, b) = (inputs[0], inputs[1]);
         ensure!(
             matches!(a.datum_type().unquantized(), DatumType::I8 | DatumType::U8)
@@ -2082,7 +2082,7 @@ impl EvalOp for QAvgPool {
 }
 
 impl IntoBuffer for QAvgPool {
-    fn output_for(&self, inputs: &[&Tensor]) -> TractResult<(DatumType, TVec<usize>)> {
+    fn output_for(&self, inputs: &[&Tensor]) -> TractResult<OutputType> {
         let x = inputs[0];
         let &[n, h, w, c] = x.shape() else {
             bail!("QAvgPool takes NHWC, got {:?}", x.shape());
@@ -2165,7 +2165,7 @@ impl EvalOp for QMul {
 }
 
 impl IntoBuffer for QMul {
-    fn output_for(&self, inputs: &[&Tensor]) -> TractResult<(DatumType, TVec<usize>)> {
+    fn output_for(&self, inputs: &[&Tensor]) -> TractResult<OutputType> {
         let shape = tract_core::broadcast::multi_broadcast(&[inputs[0].shape(), inputs[1].shape()])
             .context("operands do not broadcast")?;
         Ok((self.output.dt, shape))

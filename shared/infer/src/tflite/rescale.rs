@@ -12,7 +12,7 @@
 //! pass applies both mappings per element, each still rounding and saturating as its own
 //! operator would.
 
-use crate::program::{IntoBuffer, eval_allocating};
+use crate::program::{IntoBuffer, OutputType, eval_allocating};
 use crate::qkernels::Narrow;
 use multiversion::multiversion;
 use tract_core::internal::*;
@@ -237,7 +237,7 @@ impl Rescale {
 }
 
 impl IntoBuffer for Rescale {
-    fn output_for(&self, inputs: &[&Tensor]) -> TractResult<(DatumType, TVec<usize>)> {
+    fn output_for(&self, inputs: &[&Tensor]) -> TractResult<OutputType> {
         Ok((self.output_type(), inputs[0].shape().into()))
     }
 
@@ -424,7 +424,7 @@ impl EvalOp for QSoftmax {
 }
 
 impl IntoBuffer for QSoftmax {
-    fn output_for(&self, inputs: &[&Tensor]) -> TractResult<(DatumType, TVec<usize>)> {
+    fn output_for(&self, inputs: &[&Tensor]) -> TractResult<OutputType> {
         Ok((self.encode.output_type(), inputs[0].shape().into()))
     }
 
