@@ -467,14 +467,26 @@ pub async fn start(
     let (store_tx, mut store_rx) = mpsc::channel::<Example>(1024);
     let store_stats = stats.clone();
     tracker.spawn_blocking(move || {
+        // Whatever queued while the last group was written goes in the next one (a group
+        // commit): under load, groups grow and commits stay few; idle, each example is written
+        // as it comes.
+        let mut group = Vec::with_capacity(STORE_GROUP);
         while let Some(example) = store_rx.blocking_recv() {
-            match store.insert(&example) {
-                Ok(true) => {
-                    store_stats.stored.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(false) => {}
-                Err(e) => tracing::error!(error = %e, "hard example not stored"),
+            group.push(example);
+            while group.len() < STORE_GROUP
+                && let Ok(example) = store_rx.try_recv()
+            {
+                group.push(example);
             }
+            match store.insert_all(&group) {
+                Ok(new) => {
+                    store_stats.stored.fetch_add(new as u64, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, examples = group.len(), "hard examples not stored")
+                }
+            }
+            group.clear();
         }
     });
 
@@ -678,6 +690,9 @@ async fn start_fleet(
     ));
     Ok((addr, tx))
 }
+
+/// Most hard examples written in one transaction.
+const STORE_GROUP: usize = 256;
 
 /// How many answered ids (and their verdicts) are remembered for duplicates.
 const ANSWERED_MEMORY: usize = 20_000;

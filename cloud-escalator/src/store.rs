@@ -131,25 +131,40 @@ impl Store {
 
     /// Keeps an example (a duplicate id is ignored: escalations can be delivered twice).
     pub fn insert(&self, e: &Example) -> Result<bool, StoreError> {
-        let n = self.db.execute(
-            "INSERT OR IGNORE INTO examples VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-            params![
-                e.id,
-                e.device,
-                e.model,
-                e.model_version,
-                e.privacy,
-                e.input_npy,
-                e.edge_class,
-                f64::from(e.edge_confidence),
-                e.rule,
-                e.cloud_class,
-                f64::from(e.cloud_probability),
-                e.cloud_model,
-                e.received_ms as i64,
-            ],
-        )?;
-        Ok(n == 1)
+        Ok(self.insert_all(std::slice::from_ref(e))? == 1)
+    }
+
+    /// Keeps `examples` in one transaction, duplicates ignored; returns how many were new. One
+    /// commit per example was what the store could not keep up with at about 12 000 escalations
+    /// a second (`bench/batching.sh`, 2026-11-24: examples dropped), where a commit per group
+    /// costs one write of the log. On an error nothing of the group is kept.
+    pub fn insert_all(&self, examples: &[Example]) -> Result<usize, StoreError> {
+        let tx = self.db.unchecked_transaction()?;
+        let mut new = 0;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO examples VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            )?;
+            for e in examples {
+                new += insert.execute(params![
+                    e.id,
+                    e.device,
+                    e.model,
+                    e.model_version,
+                    e.privacy,
+                    e.input_npy,
+                    e.edge_class,
+                    f64::from(e.edge_confidence),
+                    e.rule,
+                    e.cloud_class,
+                    f64::from(e.cloud_probability),
+                    e.cloud_model,
+                    e.received_ms as i64,
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(new)
     }
 
     /// Examples stored.
@@ -301,6 +316,29 @@ mod tests {
         assert_eq!((recent[0].edge_class, recent[0].cloud_class), (3, 3));
         assert_eq!(s.recent("d1", 1).unwrap().len(), 1);
         assert!(s.recent("nobody", 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn keeps_a_group_in_one_transaction_and_counts_what_was_new() {
+        let s = Store::open(Path::new(":memory:")).unwrap();
+        s.insert(&example("a", "d1", 3, 3)).unwrap();
+        let group = [
+            example("a", "d1", 3, 3),
+            example("b", "d1", 3, 8),
+            example("b", "d1", 3, 8),
+            example("c", "d2", 1, 1),
+        ];
+        assert_eq!(
+            s.insert_all(&group).unwrap(),
+            2,
+            "a and the second b are duplicates"
+        );
+        assert_eq!(s.count().unwrap(), 3);
+        assert_eq!(s.insert_all(&[]).unwrap(), 0);
+        // A failing group leaves nothing behind: the table is gone, so every insert fails.
+        s.db.execute_batch("ALTER TABLE examples RENAME TO gone")
+            .unwrap();
+        assert!(s.insert_all(&[example("d", "d3", 0, 0)]).is_err());
     }
 
     #[test]
