@@ -1137,9 +1137,8 @@ impl QConv {
     /// as raw bytes (a quarter of the centered `i32` copy), and every register requantized and
     /// stored as the output's bytes (in `out`) once its taps are summed, so no accumulator goes
     /// to memory. False, with `out` untouched, where that does not apply: a CPU without AVX-512,
-    /// other than 8-bit input and
-    /// output, ONNX's float requantization, more than [`avx512::MAX_TAPS`] taps, or a zero point
-    /// outside the input's type.
+    /// other than 8-bit input and output, ONNX's float requantization, more than
+    /// [`avx512::MAX_TAPS`] taps, or a zero point outside the input's type.
     #[cfg(target_arch = "x86_64")]
     fn depthwise_avx512(
         &self,
