@@ -16,7 +16,7 @@
 //! its last reader; for the models that qualify (a few hundred kilobytes of activations at most)
 //! that is the price of allocating nothing per run.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tract_core::internal::*;
 use tract_core::ops::change_axes::IntoShape;
@@ -24,6 +24,7 @@ use tract_core::ops::source::TypedSource;
 
 use crate::qkernels::{QAdd, QAvgPool, QConv, QFullyConnected, QMul, output_tensor};
 use crate::tflite::{QSoftmax, Rescale};
+use crate::tract::Idle;
 
 /// An operator that writes its output into a tensor its caller owns: a [`Program`]'s buffer,
 /// or a new tensor when tract runs it ([`eval_allocating`]).
@@ -150,8 +151,8 @@ pub(crate) struct Program {
     inputs: Vec<usize>,
     /// The buffer holding each model output, in the model's output order.
     outputs: Vec<usize>,
-    /// Buffer sets of earlier runs, one per concurrent caller.
-    idle: Mutex<Vec<Vec<Tensor>>>,
+    /// Buffer sets of earlier runs.
+    idle: Idle<Vec<Tensor>>,
 }
 
 impl Program {
@@ -214,7 +215,7 @@ impl Program {
             buffers,
             inputs,
             outputs,
-            idle: Mutex::new(Vec::new()),
+            idle: Idle::default(),
         };
         program.check_buffers()?;
         Ok(program)
@@ -258,16 +259,10 @@ impl Program {
         inputs: &[crate::tensor::Tensor],
         mut time: Option<&mut dyn FnMut(usize, std::time::Duration)>,
     ) -> TractResult<Vec<crate::tensor::Tensor>> {
-        // Reuse an idle buffer set (one per concurrent caller); a poisoned lock just means none.
-        let reused = self.idle.lock().ok().and_then(|mut idle| idle.pop());
-        let mut buffers = match reused {
-            Some(buffers) => buffers,
-            None => self.allocate()?,
-        };
+        let mut buffers = self.idle.take(|| self.allocate())?;
         let result = self.run_in(&mut buffers, inputs, &mut time);
-        if let Ok(mut idle) = self.idle.lock() {
-            idle.push(buffers);
-        }
+        // Even after an error: the buffers are whole, only their values stale.
+        self.idle.give_back(buffers);
         result
     }
 

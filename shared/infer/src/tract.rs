@@ -19,8 +19,36 @@ pub(crate) struct Plan {
     /// The same graph as a straight-line program over preallocated buffers, where every node is
     /// one of Cascade's own operators (see [`Program`]); it runs instead of tract's plan.
     program: Option<Program>,
-    /// Run states kept between calls: making one allocates, and small models feel it.
-    states: std::sync::Mutex<Vec<TypedSimpleState>>,
+    /// Run states kept between calls.
+    states: Idle<TypedSimpleState>,
+}
+
+/// Values kept between calls for reuse (run states, a program's buffers), one per concurrent
+/// caller: making one allocates, and small models feel it.
+#[derive(Debug)]
+pub(crate) struct Idle<T>(std::sync::Mutex<Vec<T>>);
+
+impl<T> Default for Idle<T> {
+    fn default() -> Self {
+        Idle(std::sync::Mutex::new(Vec::new()))
+    }
+}
+
+impl<T> Idle<T> {
+    /// An idle value, or a new one from `make`; a poisoned lock just means none is idle.
+    pub(crate) fn take(&self, make: impl FnOnce() -> TractResult<T>) -> TractResult<T> {
+        match self.0.lock().ok().and_then(|mut idle| idle.pop()) {
+            Some(value) => Ok(value),
+            None => make(),
+        }
+    }
+
+    /// Keeps `value` for the next caller.
+    pub(crate) fn give_back(&self, value: T) {
+        if let Ok(mut idle) = self.0.lock() {
+            idle.push(value);
+        }
+    }
 }
 
 /// A plan's run state.
@@ -50,7 +78,7 @@ impl Plan {
         Ok(Plan {
             runnable,
             program,
-            states: std::sync::Mutex::new(Vec::new()),
+            states: Idle::default(),
         })
     }
 
@@ -83,16 +111,9 @@ impl Plan {
             .zip(input_types)
             .map(|(t, dt)| to_tract(t, *dt).map(TValue::from))
             .collect::<TractResult<TVec<_>>>()?;
-        // Reuse an idle state (one per concurrent caller); a poisoned lock just means none.
-        let reused = self.states.lock().ok().and_then(|mut s| s.pop());
-        let mut state = match reused {
-            Some(state) => state,
-            None => self.runnable.spawn()?,
-        };
+        let mut state = self.states.take(|| self.runnable.spawn())?;
         let outputs = state.run(inputs)?;
-        if let Ok(mut states) = self.states.lock() {
-            states.push(state);
-        }
+        self.states.give_back(state);
         outputs.into_iter().map(|v| from_tract(&v)).collect()
     }
 
