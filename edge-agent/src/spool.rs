@@ -21,9 +21,18 @@
 //! costs one `fdatasync`; a new file costs a flush, a rename and a flush of the directory. On this
 //! project's test VM that is about 110 µs against 320 µs, paid on every escalation's round trip.
 //!
+//! With flushing on, the journal's file is kept ahead of its records by zeroed space, written in
+//! [`PREALLOCATE`] steps. `fdatasync` after overwriting blocks that already hold data flushes only
+//! that data; after an append it must also commit the file's new size to the filesystem's own
+//! journal. On this project's test VM (ext4) that took the flush's p99 from 1.6–3.2 ms to
+//! 0.2–0.3 ms (`fdatasync` after 200-byte writes, 2000 each), and the flush is on every
+//! escalation's round trip twice. The price: each byte of the journal is written twice (the zeros,
+//! then the record), and the file is up to one step longer than its records. Reading back stops at
+//! the first record of length 0, where the zeroed space starts.
+//!
 //! A power loss during an append leaves a torn last record. Opening finds it (its length runs past
-//! the end, or its checksum is wrong) and cuts the journal there; that append had not returned, so
-//! the escalation was never published. Records no longer needed (answered escalations, applied ids
+//! the end, or its checksum is wrong, or bytes other than zeros follow the last good record) and
+//! cuts the journal there; that append had not returned, so the escalation was never published. Records no longer needed (answered escalations, applied ids
 //! beyond the last [`APPLIED_MEMORY`]) are dropped by rewriting the journal once they exceed a slack
 //! of a few MiB. A spool left by an agent that kept one file per escalation is imported on open.
 //!
@@ -58,6 +67,8 @@ const BODY_HEAD: usize = 1 + 16;
 const MARK_LEN: u64 = RECORD_HEAD + BODY_HEAD as u64;
 /// Journal bytes no longer needed that are tolerated before the journal is rewritten.
 const COMPACT_SLACK: u64 = 4 << 20;
+/// The step in which a flushed journal's file is extended with zeros ahead of its records.
+pub const PREALLOCATE: u64 = 1 << 20;
 
 const ESCALATION: u8 = 1;
 const APPLIED: u8 = 2;
@@ -138,6 +149,8 @@ pub struct Spool {
     file: File,
     /// The end of the last good record: where the next one goes.
     end: u64,
+    /// The file's length: from `end` on it holds zeros (space written ahead, see [`PREALLOCATE`]).
+    allocated: u64,
     max_bytes: u64,
     fsync: bool,
     compact_slack: u64,
@@ -216,6 +229,7 @@ impl Spool {
             dir: dir.to_owned(),
             file,
             end: MAGIC.len() as u64,
+            allocated: MAGIC.len() as u64,
             max_bytes,
             fsync,
             compact_slack: COMPACT_SLACK,
@@ -284,19 +298,36 @@ impl Spool {
             self.replay_record(at, &body, corrupt);
             at += RECORD_HEAD + len;
         }
-        if at < file_len {
+        self.end = at;
+        self.allocated = file_len;
+        if !self.zeros_from(at, file_len)? {
             tracing::warn!(
                 journal = %path.display(),
                 bytes = file_len - at,
                 "spool journal ends in a torn or damaged record (an interrupted write); cutting it off"
             );
             self.file.set_len(at)?;
+            self.allocated = at;
             if self.fsync {
                 self.file.sync_all()?;
             }
         }
-        self.end = at;
         Ok(())
+    }
+
+    /// Whether the journal holds only zeros from `from` to `to` (space written ahead, unused).
+    fn zeros_from(&self, from: u64, to: u64) -> io::Result<bool> {
+        let mut chunk = vec![0u8; 64 << 10];
+        let mut at = from;
+        while at < to {
+            let n = chunk.len().min((to - at) as usize);
+            self.file.read_exact_at(&mut chunk[..n], at)?;
+            if chunk[..n].iter().any(|&b| b != 0) {
+                return Ok(false);
+            }
+            at += n as u64;
+        }
+        Ok(true)
     }
 
     /// Applies one checked record found at `at` to the in-memory state.
@@ -421,11 +452,13 @@ impl Spool {
     /// cut back to where it was: whole records written before the failure must not be read back
     /// at the next start as if the change had happened.
     fn write_at_end(&mut self, bytes: &[u8], flush: bool) -> io::Result<()> {
+        let new_end = self.end + bytes.len() as u64;
         let written = self
-            .file
-            .write_all_at(bytes, self.end)
+            .write_ahead(new_end)
+            .and_then(|()| self.file.write_all_at(bytes, self.end))
             .and_then(|()| if flush { self.file.sync_data() } else { Ok(()) });
         if let Err(e) = written {
+            self.allocated = self.end;
             if let Err(cut) = self
                 .file
                 .set_len(self.end)
@@ -435,7 +468,28 @@ impl Spool {
             }
             return Err(e);
         }
-        self.end += bytes.len() as u64;
+        self.end = new_end;
+        self.allocated = self.allocated.max(new_end);
+        Ok(())
+    }
+
+    /// With flushing on, makes sure the file already holds written (zeroed) blocks up to `end`,
+    /// extending it to the next [`PREALLOCATE`] step and flushing that once, so that appending
+    /// records up to there only overwrites data (see the module's documentation).
+    fn write_ahead(&mut self, end: u64) -> io::Result<()> {
+        if !self.fsync || end <= self.allocated {
+            return Ok(());
+        }
+        let target = end.next_multiple_of(PREALLOCATE);
+        let zeros = vec![0u8; 64 << 10];
+        let mut at = self.allocated;
+        while at < target {
+            let n = zeros.len().min((target - at) as usize);
+            self.file.write_all_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+        self.file.sync_all()?;
+        self.allocated = target;
         Ok(())
     }
 
@@ -546,6 +600,7 @@ impl Spool {
         // From here on the new file is the journal, whatever the directory flush says.
         self.file = file;
         self.end = at;
+        self.allocated = at;
         for (seq, new_at) in moved {
             let entry = self.entries.get_mut(&seq).expect("moved entries exist");
             entry.payload_at = entry.payload_at - entry.at + new_at;
@@ -778,37 +833,90 @@ mod tests {
         );
     }
 
+    /// Overwrites `len` bytes of the journal in `dir` at `at` with zeros.
+    fn zero_journal(dir: &Path, at: u64, len: u64) {
+        let f = OpenOptions::new()
+            .write(true)
+            .open(dir.join(JOURNAL))
+            .unwrap();
+        f.write_all_at(&vec![0; len as usize], at).unwrap();
+    }
+
     #[test]
     fn a_torn_last_record_is_cut_off_and_the_rest_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        {
+        // Power lost while the third escalation was being appended: its record's second half (or
+        // its first, the disk writing sectors in any order) never reached the disk, which still
+        // holds the zeros written ahead there.
+        for (head_lost, what) in [(false, "second half"), (true, "head")] {
+            let dir = tempfile::tempdir().unwrap();
             let (mut s, _) = Spool::open(dir.path(), 1 << 20, true).unwrap();
             s.push(id(1), header("a", 1), b"one").unwrap();
             s.push(id(2), header("b", 2), b"two").unwrap();
-        }
-        let whole = journal_len(dir.path());
-        // Power lost while the third escalation was being appended: half its record is there.
-        {
-            let (mut s, _) = Spool::open(dir.path(), 1 << 20, true).unwrap();
+            let whole = s.end;
             s.push(id(3), header("c", 3), b"three").unwrap();
+            let with_third = s.end;
+            drop(s);
+            if head_lost {
+                zero_journal(dir.path(), whole, RECORD_HEAD);
+            } else {
+                let half = whole + (with_third - whole) / 2;
+                zero_journal(dir.path(), half, with_third - half);
+            }
+            let (mut s, corrupt) = Spool::open(dir.path(), 1 << 20, true).unwrap();
+            assert!(
+                corrupt.is_empty(),
+                "{what}: a torn append was never published"
+            );
+            assert_eq!(s.ids(), vec![id(1), id(2)], "{what}");
+            assert_eq!(s.end, whole, "{what}");
+            assert_eq!(
+                journal_len(dir.path()),
+                whole,
+                "{what}: the torn record is cut off"
+            );
+            // Appending goes on from the cut.
+            s.push(id(4), header("d", 4), b"four").unwrap();
+            drop(s);
+            let (s, corrupt) = Spool::open(dir.path(), 1 << 20, true).unwrap();
+            assert!(corrupt.is_empty(), "{what}");
+            assert_eq!(s.ids(), vec![id(1), id(2), id(4)], "{what}");
+            assert_eq!(s.read(&id(4)).unwrap().unwrap(), b"four", "{what}");
         }
-        let with_third = journal_len(dir.path());
-        let f = OpenOptions::new()
-            .write(true)
-            .open(dir.path().join(JOURNAL))
-            .unwrap();
-        f.set_len(whole + (with_third - whole) / 2).unwrap();
-        drop(f);
-        let (mut s, corrupt) = Spool::open(dir.path(), 1 << 20, true).unwrap();
-        assert!(corrupt.is_empty(), "a torn append was never published");
-        assert_eq!(s.ids(), vec![id(1), id(2)]);
-        assert_eq!(journal_len(dir.path()), whole, "the torn record is cut off");
-        // Appending goes on from the cut.
-        s.push(id(4), header("d", 4), b"four").unwrap();
+    }
+
+    #[test]
+    fn a_flushed_journal_is_written_ahead_in_zeroed_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = Spool::open(dir.path(), 8 << 20, true).unwrap();
+        s.push(id(0), header("a", 1), b"zero").unwrap();
+        assert_eq!(journal_len(dir.path()), PREALLOCATE);
+        assert!(s.end < PREALLOCATE);
+        // Crossing a step extends the file by another.
+        let payload = vec![9u8; 100 << 10];
+        for n in 1..=12 {
+            s.push(id(n), header("x", 1), &payload).unwrap();
+        }
+        assert!(s.end > PREALLOCATE && s.end < 2 * PREALLOCATE);
+        assert_eq!(journal_len(dir.path()), 2 * PREALLOCATE);
+        s.complete(id(0)).unwrap();
+        let end = s.end;
         drop(s);
-        let (s, _) = Spool::open(dir.path(), 1 << 20, true).unwrap();
-        assert_eq!(s.ids(), vec![id(1), id(2), id(4)]);
-        assert_eq!(s.read(&id(4)).unwrap().unwrap(), b"four");
+        // The zeros are not mistaken for a torn record, nor cut off.
+        let (mut s, corrupt) = Spool::open(dir.path(), 8 << 20, true).unwrap();
+        assert!(corrupt.is_empty());
+        assert_eq!(s.end, end);
+        assert_eq!(journal_len(dir.path()), 2 * PREALLOCATE);
+        assert_eq!(s.ids(), (1..=12).map(id).collect::<Vec<_>>());
+        assert!(s.is_applied(&id(0)));
+        assert_eq!(s.read(&id(12)).unwrap().unwrap(), payload);
+        s.push(id(13), header("y", 1), b"after").unwrap();
+        assert_eq!(s.read(&id(13)).unwrap().unwrap(), b"after");
+        drop(s);
+        // Without flushing nothing is written ahead.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = Spool::open(dir.path(), 8 << 20, false).unwrap();
+        s.push(id(0), header("a", 1), b"zero").unwrap();
+        assert_eq!(journal_len(dir.path()), s.end);
     }
 
     #[test]
