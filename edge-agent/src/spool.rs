@@ -453,9 +453,10 @@ impl Spool {
     /// at the next start as if the change had happened.
     fn write_at_end(&mut self, bytes: &[u8], flush: bool) -> io::Result<()> {
         let new_end = self.end + bytes.len() as u64;
+        self.write_ahead(new_end);
         let written = self
-            .write_ahead(new_end)
-            .and_then(|()| self.file.write_all_at(bytes, self.end))
+            .file
+            .write_all_at(bytes, self.end)
             .and_then(|()| if flush { self.file.sync_data() } else { Ok(()) });
         if let Err(e) = written {
             self.allocated = self.end;
@@ -475,22 +476,30 @@ impl Spool {
 
     /// With flushing on, makes sure the file already holds written (zeroed) blocks up to `end`,
     /// extending it to the next [`PREALLOCATE`] step and flushing that once, so that appending
-    /// records up to there only overwrites data (see the module's documentation).
-    fn write_ahead(&mut self, end: u64) -> io::Result<()> {
+    /// records up to there only overwrites data (see the module's documentation). This only saves
+    /// time: where the space cannot be written (a nearly full disk), records are appended as
+    /// they would be without it.
+    fn write_ahead(&mut self, end: u64) {
         if !self.fsync || end <= self.allocated {
-            return Ok(());
+            return;
         }
         let target = end.next_multiple_of(PREALLOCATE);
         let zeros = vec![0u8; 64 << 10];
         let mut at = self.allocated;
-        while at < target {
+        let mut written = Ok(());
+        while at < target && written.is_ok() {
             let n = zeros.len().min((target - at) as usize);
-            self.file.write_all_at(&zeros[..n], at)?;
+            written = self.file.write_all_at(&zeros[..n], at);
             at += n as u64;
         }
-        self.file.sync_all()?;
-        self.allocated = target;
-        Ok(())
+        match written.and_then(|()| self.file.sync_all()) {
+            Ok(()) => self.allocated = target,
+            Err(e) => {
+                tracing::debug!(error = %e, dir = %self.dir.display(), "cannot write space ahead in the spool journal; appending");
+                // Give back what part was written: the disk is short of space.
+                let _ = self.file.set_len(self.allocated);
+            }
+        }
     }
 
     fn insert(&mut self, entry: Entry) {
