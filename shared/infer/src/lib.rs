@@ -22,6 +22,8 @@
 //!   int8 with requantization, fp16 weights), falling back to stock tract-tflite.
 //! - `qkernels` *(private)*: integer kernels (fully-connected, convolution, add, mul) with exact
 //!   requantization, TFLite's fixed-point or ONNX's float, which both frontends put into tract.
+//! - `direct_conv` *(private)*: a direct `f32` convolution with AVX-512 that replaces tract's
+//!   im2col for one-group, stride-1 convolutions, so that batches cost less per input.
 //! - `program` *(private)*: graphs made only of Cascade's own operators, run over buffers
 //!   allocated once instead of on tract's plan.
 //! - `tract` *(private)*: what the tract backends share.
@@ -40,6 +42,7 @@ pub mod model;
 pub mod tensor;
 pub mod wire;
 
+mod direct_conv;
 mod gpu;
 #[cfg(feature = "tflite")]
 mod interpreter;

@@ -66,6 +66,14 @@ pub(crate) fn executor(threads: usize) -> Executor {
 impl Plan {
     /// Optimizes `model` and prepares it to run on `executor`.
     pub(crate) fn compile(model: TypedModel, executor: &Executor) -> TractResult<Self> {
+        let mut model = model.into_decluttered()?;
+        let direct = crate::direct_conv::rewrite(&mut model)?;
+        if direct > 0 {
+            tracing::debug!(
+                convolutions = direct,
+                "convolutions run as direct convolutions"
+            );
+        }
         let model = model.into_optimized()?;
         let options = RunOptions {
             executor: Some(executor.clone()),
