@@ -32,9 +32,12 @@
 //!
 //! A power loss during an append leaves a torn last record. Opening finds it (its length runs past
 //! the end, or its checksum is wrong, or bytes other than zeros follow the last good record) and
-//! cuts the journal there; that append had not returned, so the escalation was never published. Records no longer needed (answered escalations, applied ids
-//! beyond the last [`APPLIED_MEMORY`]) are dropped by rewriting the journal once they exceed a slack
-//! of a few MiB. A spool left by an agent that kept one file per escalation is imported on open.
+//! cuts the journal there; that append had not returned, so the escalation was never published.
+//! (An agent from before the zeroed space reads it as such a torn tail and cuts it, keeping every
+//! record: a rollback loses nothing.) Records no longer needed (answered escalations, applied ids
+//! beyond the last [`APPLIED_MEMORY`]) are dropped by rewriting the journal once they exceed a
+//! slack of a few MiB. A spool left by an agent that kept one file per escalation is imported on
+//! open.
 //!
 //! Republishing can deliver an escalation twice; the escalator answers duplicates from its cache
 //! and the agent applies each verdict once.

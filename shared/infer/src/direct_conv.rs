@@ -158,6 +158,10 @@ impl DirectConv {
             "DirectConv was built for {} input channels, got {channels}",
             self.input_channels
         );
+        ensure!(
+            channels > 0 && hw.iter().all(|&d| d > 0),
+            "DirectConv: the input {shape:?} is empty"
+        );
         let [kh, kw] = self.kernel_hw;
         let out = [0, 1].map(|axis| {
             (hw[axis] + self.pad_before[axis] + self.pad_after[axis] + 1)
@@ -507,8 +511,9 @@ pub(crate) fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
         let Some(op) = DirectConv::for_conv(conv, shape, &kernel, &bias) else {
             continue;
         };
-        if op.output_channels < LANES {
-            // Most of each register would be padding; tract's kernels do better there.
+        if op.output_channels < LANES || op.geometry(shape).is_err() {
+            // Most of each register would be padding, where tract's kernels do better; or an
+            // input it cannot take (empty), left to tract.
             continue;
         }
         let patch = TypedModelPatch::replace_single_op(model, node, &[data], op)?;
@@ -756,6 +761,7 @@ mod tests {
         assert!(run(Tensor::zero::<f32>(&[1, 3, 6, 6]).unwrap()).contains("input channels"));
         assert!(run(Tensor::zero::<f32>(&[1, 2, 2, 2]).unwrap()).contains("does not fit"));
         assert!(run(Tensor::zero::<f32>(&[2, 6, 6]).unwrap()).contains("4-D"));
+        assert!(run(Tensor::zero::<f32>(&[1, 2, 0, 6]).unwrap()).contains("empty"));
         assert!(run(Tensor::zero::<i32>(&[1, 2, 6, 6]).unwrap()).contains("f32"));
     }
 }
