@@ -58,6 +58,24 @@ impl Hash for DirectConv {
 
 impl Eq for DirectConv {}
 
+/// The sizes of one run: images, and each image's height and width in and out.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    images: usize,
+    input_hw: [usize; 2],
+    output_hw: [usize; 2],
+}
+
+/// A 4-D shape's channel count and `[height, width]`, channels last or first.
+fn split(channels_last: bool, shape: [usize; 4]) -> (usize, [usize; 2]) {
+    let [_, a, b, c] = shape;
+    if channels_last {
+        (c, [a, b])
+    } else {
+        (a, [b, c])
+    }
+}
+
 /// Where the values of an image live in a flat buffer: the distance between channels, rows and
 /// columns.
 #[derive(Debug, Clone, Copy)]
@@ -83,10 +101,12 @@ impl DirectConv {
             _ => return None,
         };
         let ones = |v: &Option<TVec<usize>>| v.as_ref().is_none_or(|v| v.iter().all(|&d| d == 1));
+        let Ok(&shape) = <&[usize; 4]>::try_from(input_shape) else {
+            return None;
+        };
         if conv.q_params.is_some()
             || conv.group != 1
             || spec.kernel_shape.len() != 2
-            || input_shape.len() != 4
             || !ones(&spec.strides)
             || !ones(&spec.dilations)
             || kernel.datum_type() != f32::datum_type()
@@ -96,12 +116,8 @@ impl DirectConv {
         }
         let [kh, kw] = [spec.kernel_shape[0], spec.kernel_shape[1]];
         let (ci, co) = (spec.input_channels, spec.output_channels);
-        let hw = if channels_last {
-            &input_shape[1..3]
-        } else {
-            &input_shape[2..4]
-        };
-        let padding = spec.computed_padding(hw);
+        let (_, hw) = split(channels_last, shape);
+        let padding = spec.computed_padding(&hw);
         let pad_before = [padding[0].pad_before, padding[1].pad_before];
         let pad_after = [padding[0].pad_after, padding[1].pad_after];
         let k = floats(kernel).ok()?;
@@ -143,16 +159,12 @@ impl DirectConv {
         })
     }
 
-    /// `(batch, [height, width])` of an input, checking its channels.
-    fn geometry(&self, shape: &[usize]) -> TractResult<(usize, [usize; 2])> {
-        let &[n, a, b, c] = shape else {
+    /// The sizes of a run on an input of `shape`, checking its channels.
+    fn geometry(&self, shape: &[usize]) -> TractResult<Geometry> {
+        let Ok(&four) = <&[usize; 4]>::try_from(shape) else {
             bail!("DirectConv takes a 4-D input, got {shape:?}");
         };
-        let (channels, hw) = if self.channels_last {
-            (c, [a, b])
-        } else {
-            (a, [b, c])
-        };
+        let (channels, hw) = split(self.channels_last, four);
         ensure!(
             channels == self.input_channels,
             "DirectConv was built for {} input channels, got {channels}",
@@ -171,36 +183,41 @@ impl DirectConv {
             out.iter().all(|&d| d > 0),
             "DirectConv: a {kh}x{kw} kernel does not fit a {hw:?} input"
         );
-        Ok((n, out))
+        Ok(Geometry {
+            images: four[0],
+            input_hw: hw,
+            output_hw: out,
+        })
     }
 
-    fn output_shape(&self, n: usize, [oh, ow]: [usize; 2]) -> TVec<usize> {
+    fn output_shape(&self, g: Geometry) -> TVec<usize> {
+        let [oh, ow] = g.output_hw;
         if self.channels_last {
-            tvec![n, oh, ow, self.output_channels]
+            tvec![g.images, oh, ow, self.output_channels]
         } else {
-            tvec![n, self.output_channels, oh, ow]
+            tvec![g.images, self.output_channels, oh, ow]
         }
     }
 
-    /// Convolves `n` images of `hw` pixels from `x` into `out` (layouts as `channels_last`).
-    fn run(&self, x: &[f32], n: usize, hw: [usize; 2], out: &mut [f32]) {
-        self.run_with(x, n, hw, out, true);
+    /// Convolves the images of `x` into `out` (layouts as `channels_last`).
+    fn run(&self, x: &[f32], g: Geometry, out: &mut [f32]) {
+        self.run_with(x, g, out, true);
     }
 
     /// [`DirectConv::run`] on the portable path alone.
     #[cfg(test)]
-    fn run_portable(&self, x: &[f32], n: usize, hw: [usize; 2], out: &mut [f32]) {
-        self.run_with(x, n, hw, out, false);
+    fn run_portable(&self, x: &[f32], g: Geometry, out: &mut [f32]) {
+        self.run_with(x, g, out, false);
     }
 
-    fn run_with(&self, x: &[f32], n: usize, hw: [usize; 2], out: &mut [f32], vectorized: bool) {
-        let [h, w] = hw;
+    fn run_with(&self, x: &[f32], g: Geometry, out: &mut [f32], vectorized: bool) {
+        let [h, w] = g.input_hw;
+        let [oh, ow] = g.output_hw;
         let ci = self.input_channels;
         let (ph, pw) = (
             h + self.pad_before[0] + self.pad_after[0],
             w + self.pad_before[1] + self.pad_after[1],
         );
-        let (oh, ow) = (ph + 1 - self.kernel_hw[0], pw + 1 - self.kernel_hw[1]);
         let padded_strides = if self.channels_last {
             Strides {
                 channel: 1,
@@ -222,9 +239,9 @@ impl DirectConv {
         for (image, out) in x
             .chunks_exact(image_len)
             .zip(out.chunks_exact_mut(out_len))
-            .take(n)
+            .take(g.images)
         {
-            self.pad(image, hw, &mut padded, padded_strides);
+            self.pad(image, g.input_hw, &mut padded, padded_strides);
             for oy in 0..oh {
                 self.output_row(&padded, padded_strides, oy, &mut row, vectorized);
                 self.store_row(&row, oy, [oh, ow], out);
@@ -453,20 +470,15 @@ impl IntoBuffer for DirectConv {
             "DirectConv takes f32, got {:?}",
             x.datum_type()
         );
-        let (n, out) = self.geometry(x.shape())?;
-        Ok((f32::datum_type(), self.output_shape(n, out)))
+        let g = self.geometry(x.shape())?;
+        Ok((f32::datum_type(), self.output_shape(g)))
     }
 
     fn eval_into(&self, inputs: &[&Tensor], out: &mut Tensor) -> TractResult<()> {
         let x = inputs[0];
-        let (n, _) = self.geometry(x.shape())?;
-        let hw = if self.channels_last {
-            [x.shape()[1], x.shape()[2]]
-        } else {
-            [x.shape()[2], x.shape()[3]]
-        };
+        let g = self.geometry(x.shape())?;
         let mut view = out.try_as_plain_ram_mut()?;
-        self.run(floats(x)?, n, hw, view.as_slice_mut::<f32>()?);
+        self.run(floats(x)?, g, view.as_slice_mut::<f32>()?);
         Ok(())
     }
 }
@@ -477,8 +489,7 @@ impl TypedOp for DirectConv {
             .shape
             .as_concrete()
             .context("DirectConv needs a fixed input shape")?;
-        let (n, out) = self.geometry(shape)?;
-        Ok(tvec!(f32::fact(self.output_shape(n, out))))
+        Ok(tvec!(f32::fact(self.output_shape(self.geometry(shape)?))))
     }
     as_op!();
 }
@@ -498,14 +509,15 @@ pub(crate) fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
         let [data, kernel, bias] = node.inputs[..] else {
             continue;
         };
+        let input = model.outlet_fact(data)?;
         let (Some(shape), Some(kernel), Some(bias)) = (
-            model.outlet_fact(data)?.shape.as_concrete(),
+            input.shape.as_concrete(),
             model.outlet_fact(kernel)?.konst.clone(),
             model.outlet_fact(bias)?.konst.clone(),
         ) else {
             continue;
         };
-        if model.outlet_fact(data)?.datum_type != f32::datum_type() {
+        if input.datum_type != f32::datum_type() {
             continue;
         }
         let Some(op) = DirectConv::for_conv(conv, shape, &kernel, &bias) else {
@@ -611,12 +623,8 @@ mod tests {
         }
         // The portable path gives the same sums as the vectorized one, in the same order.
         let mut portable = vec![0f32; got.len()];
-        let hw = if format == DataFormat::NHWC {
-            [shape[1], shape[2]]
-        } else {
-            [shape[2], shape[3]]
-        };
-        op.run_portable(floats(&input).unwrap(), shape[0], hw, &mut portable);
+        let g = op.geometry(&shape).unwrap();
+        op.run_portable(floats(&input).unwrap(), g, &mut portable);
         for (i, (p, e)) in portable.iter().zip(expected).enumerate() {
             assert!(
                 (p - e).abs() <= 1e-4 + 1e-4 * e.abs(),

@@ -66,15 +66,19 @@ pub(crate) fn executor(threads: usize) -> Executor {
 impl Plan {
     /// Optimizes `model` and prepares it to run on `executor`.
     pub(crate) fn compile(model: TypedModel, executor: &Executor) -> TractResult<Self> {
-        let mut model = model.into_decluttered()?;
+        // `into_optimized`, with convolutions replaced between its two stages.
+        let mut model = model;
+        model.declutter()?;
         let direct = crate::direct_conv::rewrite(&mut model)?;
         if direct > 0 {
             tracing::debug!(
                 convolutions = direct,
                 "convolutions run as direct convolutions"
             );
+            // The replaced convolutions and their constants are left unreachable.
+            model.compact()?;
         }
-        let model = model.into_optimized()?;
+        model.optimize()?;
         let options = RunOptions {
             executor: Some(executor.clone()),
             ..RunOptions::default()
