@@ -8,7 +8,7 @@
 //! # Module map
 //!
 //! - [`model`]: the [`Model`] trait, [`ModelInfo`] / [`TensorSpec`] descriptions, input checks,
-//!   [`LoadOptions`], and [`run_batch`] for fixed-batch models.
+//!   [`LoadOptions`], and [`run_batch`] for batches of independent inputs.
 //! - [`tensor`]: the [`Tensor`] type the API speaks, with `.npy` reading and writing.
 //! - [`format`]: format detection from file contents.
 //! - [`confidence`]: softmax and the confidence metrics (max-probability, margin, entropy).
@@ -58,7 +58,8 @@ pub use confidence::{Confidence, Metric, softmax};
 pub use error::{InferError, LoadError};
 pub use format::ModelFormat;
 pub use model::{
-    BackendChoice, Dim, LoadOptions, Model, ModelInfo, OpTime, QuantParams, TensorSpec, run_batch,
+    BackendChoice, Dim, LoadOptions, Model, ModelInfo, OpTime, QuantParams, TensorSpec, batch_runs,
+    run_batch,
 };
 pub use tensor::{DType, Tensor};
 

@@ -217,6 +217,21 @@ pub trait Model: Send + Sync {
         let _ = (inputs, runs);
         None
     }
+
+    /// Whether the engine prepares (compiles) the model anew for each new input shape, so that
+    /// callers with inputs of varying batch size should keep to a few sizes (see [`run_batch`]).
+    fn compiles_per_shape(&self) -> bool {
+        false
+    }
+}
+
+/// `n` as a sum of powers of two, largest first: 27 gives 16, 8, 2, 1.
+pub fn batch_runs(n: usize) -> Vec<usize> {
+    (0..usize::BITS)
+        .rev()
+        .map(|bit| 1usize << bit)
+        .filter(|size| n & size != 0)
+        .collect()
 }
 
 /// Time spent in one node of a model, averaged over profiled runs.
@@ -292,8 +307,15 @@ pub struct LoadOptions {
     pub batch: Option<usize>,
 }
 
-/// Splits a batch along axis 0 for models whose batch dimension is fixed at 1, runs each item
-/// and stacks the outputs. Models with a free batch dimension run the batch in one call.
+/// Runs a batch of independent inputs (stacked along axis 0) and stacks the outputs the same way.
+///
+/// - A model whose batch dimension is fixed at 1 runs each item on its own.
+/// - A model that compiles for each input shape ([`Model::compiles_per_shape`]) runs the batch
+///   as power-of-two runs, largest first ([`batch_runs`]: 27 runs as 16, 8, 2 and 1), so that
+///   batches of every size up to 2^k need at most k + 1 compiled shapes. A service whose batch
+///   sizes vary would otherwise compile for nearly every batch: the escalator's worker spent a
+///   quarter of its time compiling.
+/// - Any other model runs the batch in one call.
 pub fn run_batch(model: &dyn Model, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, InferError> {
     let info = model.info();
     let fixed_one = info
@@ -304,7 +326,14 @@ pub fn run_batch(model: &dyn Model, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, 
         .first()
         .and_then(|t| t.shape().first().copied())
         .unwrap_or(1);
-    if !fixed_one || batch <= 1 {
+    let runs = if fixed_one {
+        vec![1; batch]
+    } else if model.compiles_per_shape() {
+        batch_runs(batch)
+    } else {
+        Vec::new()
+    };
+    if runs.len() <= 1 {
         return model.run(inputs);
     }
     if inputs.iter().any(|t| t.shape().first() != Some(&batch)) {
@@ -313,14 +342,16 @@ pub fn run_batch(model: &dyn Model, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, 
         ));
     }
     let mut per_output: Vec<Vec<Tensor>> = Vec::new();
-    for i in 0..batch {
+    let mut start = 0;
+    for rows in runs {
         let items = inputs
             .iter()
-            .map(|t| crate::tensor::slice_batch(t, i))
+            .map(|t| crate::tensor::slice_rows(t, start..start + rows))
             .collect::<Vec<_>>();
+        start += rows;
         let outputs = model.run(items)?;
         if per_output.is_empty() {
-            per_output = outputs.iter().map(|_| Vec::with_capacity(batch)).collect();
+            per_output = outputs.iter().map(|_| Vec::new()).collect();
         }
         for (acc, out) in per_output.iter_mut().zip(outputs) {
             acc.push(out);
@@ -330,4 +361,91 @@ pub fn run_batch(model: &dyn Model, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, 
         .into_iter()
         .map(|items| crate::tensor::concat_batch(&items))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use ndarray::{ArrayD, IxDyn};
+
+    use super::*;
+
+    /// Doubles its input, row by row, and records the batch size of every call.
+    struct Doubler {
+        info: ModelInfo,
+        per_shape: bool,
+        calls: Mutex<Vec<usize>>,
+    }
+
+    impl Doubler {
+        fn new(batch: Dim, per_shape: bool) -> Self {
+            let spec = TensorSpec {
+                name: "x".into(),
+                dtype: DType::F32,
+                shape: vec![batch, Dim::Fixed(2)],
+                quantization: None,
+            };
+            Doubler {
+                info: ModelInfo {
+                    source: "<test>".into(),
+                    format: ModelFormat::Onnx,
+                    backend: "test",
+                    inputs: vec![spec.clone()],
+                    outputs: vec![spec],
+                },
+                per_shape,
+                calls: Mutex::default(),
+            }
+        }
+    }
+
+    impl Model for Doubler {
+        fn info(&self) -> &ModelInfo {
+            &self.info
+        }
+
+        fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, InferError> {
+            self.calls.lock().unwrap().push(inputs[0].shape()[0]);
+            Ok(vec![Tensor::F32(inputs[0].to_f32().mapv(|v| v * 2.0))])
+        }
+
+        fn compiles_per_shape(&self) -> bool {
+            self.per_shape
+        }
+    }
+
+    fn rows(n: usize) -> Tensor {
+        Tensor::F32(ArrayD::from_shape_fn(IxDyn(&[n, 2]), |ix| {
+            (ix[0] * 10 + ix[1]) as f32
+        }))
+    }
+
+    #[test]
+    fn batch_runs_are_powers_of_two_largest_first() {
+        assert_eq!(batch_runs(27), [16, 8, 2, 1]);
+        assert_eq!(batch_runs(32), [32]);
+        assert_eq!(batch_runs(1), [1]);
+        assert!(batch_runs(0).is_empty());
+    }
+
+    #[test]
+    fn a_model_compiling_per_shape_gets_the_batch_in_power_of_two_runs_stacked_in_order() {
+        let model = Doubler::new(Dim::Symbolic("N".into()), true);
+        let out = run_batch(&model, vec![rows(27)]).unwrap();
+        assert_eq!(*model.calls.lock().unwrap(), [16, 8, 2, 1]);
+        assert_eq!(out[0].to_f32(), rows(27).to_f32().mapv(|v| v * 2.0));
+    }
+
+    #[test]
+    fn other_models_get_the_batch_in_one_call_and_fixed_batch_one_item_by_item() {
+        let free = Doubler::new(Dim::Symbolic("N".into()), false);
+        run_batch(&free, vec![rows(27)]).unwrap();
+        assert_eq!(*free.calls.lock().unwrap(), [27]);
+
+        let one = Doubler::new(Dim::Fixed(1), true);
+        let out = run_batch(&one, vec![rows(3)]).unwrap();
+        assert_eq!(*one.calls.lock().unwrap(), [1, 1, 1]);
+        assert_eq!(out[0].to_f32(), rows(3).to_f32().mapv(|v| v * 2.0));
+    }
 }

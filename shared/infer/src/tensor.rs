@@ -289,12 +289,12 @@ pub(crate) fn from_ne_bytes(dtype: DType, shape: &[usize], bytes: &[u8]) -> Resu
     }
 }
 
-/// Item `i` of a batch, keeping the batch axis (size 1).
-pub(crate) fn slice_batch(t: &Tensor, i: usize) -> Tensor {
+/// Rows `rows` of a batch, as a batch of their own.
+pub(crate) fn slice_rows(t: &Tensor, rows: std::ops::Range<usize>) -> Tensor {
     use ndarray::{Axis, Slice};
     macro_rules! one {
         ($variant:ident, $a:expr) => {
-            Tensor::$variant($a.slice_axis(Axis(0), Slice::from(i..i + 1)).to_owned())
+            Tensor::$variant($a.slice_axis(Axis(0), Slice::from(rows.clone())).to_owned())
         };
     }
     match t {

@@ -75,6 +75,13 @@ fn every_bundled_model_loads_with_a_consistent_sidecar() {
         meta.check_against(model.info())
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(meta.labels.len(), 10);
+        // ONNX models take a free batch, which tract compiles for shape by shape; the TFLite
+        // model's batch is fixed.
+        assert_eq!(
+            model.compiles_per_shape(),
+            name.ends_with(".onnx"),
+            "{name}: compiles per shape"
+        );
     }
 }
 

@@ -285,6 +285,14 @@ impl Model for OnnxModel {
             .map_err(|e| run_error(&self.info.source, e))
     }
 
+    /// tract compiles a plan for each concrete shape (cached, [`PLAN_CACHE`] of them).
+    fn compiles_per_shape(&self) -> bool {
+        self.info
+            .inputs
+            .iter()
+            .any(|spec| spec.fixed_shape().is_none())
+    }
+
     fn profile(
         &self,
         inputs: Vec<Tensor>,
