@@ -24,6 +24,8 @@
 //!   requantization, TFLite's fixed-point or ONNX's float, which both frontends put into tract.
 //! - `direct_conv` *(private)*: a direct `f32` convolution with AVX-512 that replaces tract's
 //!   im2col for one-group, stride-1 convolutions, so that batches cost less per input.
+//! - `tiled_pool` *(private)*: `f32` max pooling over windows that tile the input (stride =
+//!   window), replacing tract's tap-by-tap loop at strides other than 1.
 //! - `program` *(private)*: graphs made only of Cascade's own operators, run over buffers
 //!   allocated once instead of on tract's plan.
 //! - `tract` *(private)*: what the tract backends share.
@@ -50,6 +52,7 @@ mod onnx;
 mod program;
 mod qkernels;
 mod tflite;
+mod tiled_pool;
 mod tract;
 
 use std::path::Path;

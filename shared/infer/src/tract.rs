@@ -70,12 +70,14 @@ impl Plan {
         let mut model = model;
         model.declutter()?;
         let direct = crate::direct_conv::rewrite(&mut model)?;
-        if direct > 0 {
+        let tiled = crate::tiled_pool::rewrite(&mut model)?;
+        if direct + tiled > 0 {
             tracing::debug!(
                 convolutions = direct,
-                "convolutions run as direct convolutions"
+                max_poolings = tiled,
+                "operators replaced by Cascade's own"
             );
-            // The replaced convolutions and their constants are left unreachable.
+            // The replaced operators and their constants are left unreachable.
             model.compact()?;
         }
         model.optimize()?;
