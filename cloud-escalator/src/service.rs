@@ -160,6 +160,7 @@ impl EscalatorHandle {
 }
 
 /// A model answering escalations.
+#[derive(Clone)]
 struct Served {
     key: String,
     model: Arc<dyn Model>,
@@ -319,7 +320,46 @@ fn upsample(values: &ArrayD<f32>, factor: usize, spec: &TensorSpec) -> Result<Te
     Ok(Tensor::F32(out))
 }
 
-fn worker(served: Arc<Served>, mut batches: mpsc::Receiver<Batch<Job>>, done: mpsc::Sender<Done>) {
+/// Prepares the model for every batch size [`run_batch`] will run up to `max_batch` (the powers
+/// of two), before the first escalation: tract compiles a plan per input shape, and a batch of a
+/// new size would otherwise wait for its compile (milliseconds; 5 ms each for the bundled cloud
+/// model). A size that fails is left to fail, with its error, when a batch of it comes.
+fn warm_up(served: &Served, max_batch: usize) {
+    let one_f32_input = matches!(&served.model.info().inputs[..], [spec] if spec.dtype == cascade_infer::DType::F32);
+    if !served.model.compiles_per_shape() || !one_f32_input {
+        return;
+    }
+    let started = Instant::now();
+    let mut sizes = Vec::new();
+    for size in (0..usize::BITS)
+        .map(|bit| 1usize << bit)
+        .take_while(|&s| s <= max_batch)
+    {
+        let Some(shape) = served.input.shape_with_batch(size) else {
+            return;
+        };
+        let zeros = Tensor::F32(ArrayD::zeros(IxDyn(&shape)));
+        if let Err(e) = run_batch(served.model.as_ref(), vec![zeros]) {
+            tracing::warn!(model = %served.model_ref, batch = size, error = %e, "warm-up run failed");
+            return;
+        }
+        sizes.push(size);
+    }
+    tracing::info!(
+        model = %served.model_ref,
+        batch_sizes = ?sizes,
+        ms = started.elapsed().as_millis() as u64,
+        "model prepared for its batch sizes"
+    );
+}
+
+fn worker(
+    served: Arc<Served>,
+    max_batch: usize,
+    mut batches: mpsc::Receiver<Batch<Job>>,
+    done: mpsc::Sender<Done>,
+) {
+    warm_up(&served, max_batch);
     while let Some(batch) = batches.blocking_recv() {
         let started = Instant::now();
         let inputs: Vec<ArrayD<f32>> = batch.items.iter().map(|(j, _)| j.input.to_f32()).collect();
@@ -461,7 +501,8 @@ pub async fn start(
             let (tx, rx) = mpsc::channel(8);
             workers.insert(served.key.clone(), tx);
             let (served, done) = (served.clone(), done_tx.clone());
-            tracker.spawn_blocking(move || worker(served, rx, done));
+            let max_batch = config.batching.max_batch;
+            tracker.spawn_blocking(move || worker(served, max_batch, rx, done));
         }
     }
     let (store_tx, mut store_rx) = mpsc::channel::<Example>(1024);
@@ -1232,5 +1273,64 @@ mod tests {
         let a = big.as_f32().unwrap();
         assert_eq!(a[[0, 0, 1, 0]], 1.0);
         assert_eq!(a[[0, 3, 3, 0]], 4.0);
+    }
+
+    /// A model that records the batch size of every run, around a real one.
+    struct Recording {
+        inner: Arc<dyn Model>,
+        per_shape: bool,
+        runs: std::sync::Mutex<Vec<usize>>,
+    }
+
+    impl Model for Recording {
+        fn info(&self) -> &cascade_infer::ModelInfo {
+            self.inner.info()
+        }
+
+        fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, cascade_infer::InferError> {
+            self.runs.lock().unwrap().push(inputs[0].shape()[0]);
+            self.inner.run(inputs)
+        }
+
+        fn compiles_per_shape(&self) -> bool {
+            self.per_shape
+        }
+    }
+
+    #[test]
+    fn a_model_compiled_per_shape_is_warmed_up_for_each_power_of_two_batch() {
+        let path = std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../models/digits-cloud.onnx"
+        ));
+        let route = RouteConfig {
+            edge_model: "digits-edge".into(),
+            cloud_model: path.into(),
+            tail_model: None,
+            threads: 1,
+            backend: "tract".into(),
+        };
+        let loaded = load_served(path, "cloud".into(), &route).unwrap();
+        for (per_shape, max_batch, expected) in [
+            (true, 20, vec![1, 2, 4, 8, 16]),
+            (true, 1, vec![1]),
+            (false, 20, vec![]),
+        ] {
+            let recording = Arc::new(Recording {
+                inner: loaded.model.clone(),
+                per_shape,
+                runs: Default::default(),
+            });
+            let served = Served {
+                model: recording.clone(),
+                ..loaded.clone()
+            };
+            warm_up(&served, max_batch);
+            assert_eq!(
+                *recording.runs.lock().unwrap(),
+                expected,
+                "max_batch {max_batch}"
+            );
+        }
     }
 }

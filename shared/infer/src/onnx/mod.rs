@@ -27,8 +27,9 @@ use crate::model::{Dim, LoadOptions, Model, ModelInfo, TensorSpec};
 use crate::tensor::{DType, Tensor};
 use crate::tract::{Plan, error_text, executor, guard, run_error};
 
-/// How many compiled shape variants one model keeps.
-const PLAN_CACHE: usize = 8;
+/// How many compiled shape variants one model keeps: enough for every batch size `run_batch`
+/// runs (powers of two) up to 2048, with room for a few other shapes.
+const PLAN_CACHE: usize = 16;
 
 /// What one compiled plan is for: concrete input shapes, and the values of configuration inputs.
 #[derive(Debug, Clone, PartialEq, Eq)]
