@@ -310,8 +310,8 @@ pub struct LoadOptions {
 /// Runs a batch of independent inputs (stacked along axis 0) and stacks the outputs the same way.
 ///
 /// - A model whose batch dimension is fixed at 1 runs each item on its own.
-/// - A model that compiles for each input shape ([`Model::compiles_per_shape`]) runs the batch
-///   as power-of-two runs, largest first ([`batch_runs`]: 27 runs as 16, 8, 2 and 1), so that
+/// - A model that compiles for each input shape ([`Model::compiles_per_shape`]), all of whose
+///   inputs are batched along axis 0, runs the batch as power-of-two runs, largest first ([`batch_runs`]: 27 runs as 16, 8, 2 and 1), so that
 ///   batches of every size up to 2^k need at most k + 1 compiled shapes. A service whose batch
 ///   sizes vary would otherwise compile for nearly every batch: the escalator's worker spent a
 ///   quarter of its time compiling.
@@ -328,7 +328,10 @@ pub fn run_batch(model: &dyn Model, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, 
         .unwrap_or(1);
     let runs = if fixed_one {
         vec![1; batch]
-    } else if model.compiles_per_shape() {
+    } else if model.compiles_per_shape() && inputs.iter().all(|t| t.shape().first() == Some(&batch))
+    {
+        // Only where every input is batched along axis 0: a model with other inputs (a
+        // recurrent state laid out `[layers, N, ...]`, a scalar setting) runs as it is given.
         batch_runs(batch)
     } else {
         Vec::new()
@@ -406,6 +409,7 @@ mod tests {
         }
 
         fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, InferError> {
+            // A second input, when given, is a setting (not checked here: the mock has one spec).
             self.calls.lock().unwrap().push(inputs[0].shape()[0]);
             Ok(vec![Tensor::F32(inputs[0].to_f32().mapv(|v| v * 2.0))])
         }
@@ -442,6 +446,12 @@ mod tests {
         let free = Doubler::new(Dim::Symbolic("N".into()), false);
         run_batch(&free, vec![rows(27)]).unwrap();
         assert_eq!(*free.calls.lock().unwrap(), [27]);
+
+        // An input not batched along axis 0 (a scalar setting): the batch goes in one call.
+        let with_setting = Doubler::new(Dim::Symbolic("N".into()), true);
+        let setting = Tensor::F32(ArrayD::from_elem(IxDyn(&[]), 16_000.0));
+        run_batch(&with_setting, vec![rows(27), setting]).unwrap();
+        assert_eq!(*with_setting.calls.lock().unwrap(), [27]);
 
         let one = Doubler::new(Dim::Fixed(1), true);
         let out = run_batch(&one, vec![rows(3)]).unwrap();
