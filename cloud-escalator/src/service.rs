@@ -325,7 +325,8 @@ fn upsample(values: &ArrayD<f32>, factor: usize, spec: &TensorSpec) -> Result<Te
 /// new size would otherwise wait for its compile (milliseconds; 5 ms each for the bundled cloud
 /// model). A size that fails is left to fail, with its error, when a batch of it comes.
 fn warm_up(served: &Served, max_batch: usize) {
-    let one_f32_input = matches!(&served.model.info().inputs[..], [spec] if spec.dtype == cascade_infer::DType::F32);
+    let inputs = &served.model.info().inputs;
+    let one_f32_input = inputs.len() == 1 && inputs[0].dtype == cascade_infer::DType::F32;
     if !served.model.compiles_per_shape() || !one_f32_input {
         return;
     }
