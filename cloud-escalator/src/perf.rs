@@ -295,7 +295,7 @@ pub struct RateReport {
 }
 
 fn request(device: usize, model: &str, row: &[f32]) -> (Uuid, Vec<u8>) {
-    let id = Uuid::new_v4();
+    let id = edge_agent::agent::escalation_id();
     let request = EscalationRequest {
         id,
         device: format!("sim-{device:04}"),
