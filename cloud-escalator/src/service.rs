@@ -332,10 +332,7 @@ fn warm_up(served: &Served, max_batch: usize) {
     }
     let started = Instant::now();
     let mut sizes = Vec::new();
-    for size in (0..usize::BITS)
-        .map(|bit| 1usize << bit)
-        .take_while(|&s| s <= max_batch)
-    {
+    for size in cascade_infer::batch_run_sizes(max_batch) {
         let Some(shape) = served.input.shape_with_batch(size) else {
             return;
         };

@@ -19,7 +19,7 @@ use tract_core::internal::*;
 use tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_core::ops::nn::DataFormat;
 
-use crate::program::{IntoBuffer, OutputType, eval_allocating};
+use crate::program::{IntoBuffer, OutputType, eval_allocating, floats};
 
 /// Output channels are computed in blocks of this many `f32` lanes (one AVX-512 register).
 const LANES: usize = 16;
@@ -324,11 +324,6 @@ impl DirectConv {
     }
 }
 
-/// The values of an `f32` tensor.
-fn floats(t: &Tensor) -> TractResult<&[f32]> {
-    t.try_as_plain_ram()?.as_slice::<f32>()
-}
-
 /// Whether this CPU has AVX-512F (checked once, then cached by the standard library).
 #[cfg(target_arch = "x86_64")]
 fn avx512() -> bool {
@@ -500,14 +495,12 @@ pub(crate) fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
     if !worth_it() {
         return Ok(0);
     }
-    let mut replaced = 0;
-    for id in model.eval_order()? {
-        let node = model.node(id);
+    crate::tract::replace_nodes(model, |model, node| {
         let Some(conv) = node.op_as::<Conv>() else {
-            continue;
+            return Ok(None);
         };
         let [data, kernel, bias] = node.inputs[..] else {
-            continue;
+            return Ok(None);
         };
         let input = model.outlet_fact(data)?;
         let (Some(shape), Some(kernel), Some(bias)) = (
@@ -515,24 +508,16 @@ pub(crate) fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
             model.outlet_fact(kernel)?.konst.clone(),
             model.outlet_fact(bias)?.konst.clone(),
         ) else {
-            continue;
+            return Ok(None);
         };
         if input.datum_type != f32::datum_type() {
-            continue;
+            return Ok(None);
         }
-        let Some(op) = DirectConv::for_conv(conv, shape, &kernel, &bias) else {
-            continue;
-        };
-        if op.output_channels < LANES || op.geometry(shape).is_err() {
-            // Most of each register would be padding, where tract's kernels do better; or an
-            // input it cannot take (empty), left to tract.
-            continue;
-        }
-        let patch = TypedModelPatch::replace_single_op(model, node, &[data], op)?;
-        patch.apply(model)?;
-        replaced += 1;
-    }
-    Ok(replaced)
+        // Fewer than 16 output channels would leave most of each register padding, where
+        // tract's kernels do better; an input it cannot take (empty) is left to tract too.
+        Ok(DirectConv::for_conv(conv, shape, &kernel, &bias)
+            .filter(|op| op.output_channels >= LANES && op.geometry(shape).is_ok()))
+    })
 }
 
 #[cfg(test)]

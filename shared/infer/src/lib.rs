@@ -61,8 +61,8 @@ pub use confidence::{Confidence, Metric, softmax};
 pub use error::{InferError, LoadError};
 pub use format::ModelFormat;
 pub use model::{
-    BackendChoice, Dim, LoadOptions, Model, ModelInfo, OpTime, QuantParams, TensorSpec, batch_runs,
-    run_batch,
+    BackendChoice, Dim, LoadOptions, Model, ModelInfo, OpTime, QuantParams, TensorSpec,
+    batch_run_sizes, batch_runs, run_batch,
 };
 pub use tensor::{DType, Tensor};
 

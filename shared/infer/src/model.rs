@@ -227,10 +227,18 @@ pub trait Model: Send + Sync {
 
 /// `n` as a sum of powers of two, largest first: 27 gives 16, 8, 2, 1.
 pub fn batch_runs(n: usize) -> Vec<usize> {
+    let mut runs = batch_run_sizes(n);
+    runs.retain(|size| n & size != 0);
+    runs.reverse();
+    runs
+}
+
+/// Every run size [`batch_runs`] gives for batches of up to `max` inputs, smallest first: the
+/// powers of two up to `max` (20 gives 1, 2, 4, 8, 16). What a service compiles ahead of time.
+pub fn batch_run_sizes(max: usize) -> Vec<usize> {
     (0..usize::BITS)
-        .rev()
         .map(|bit| 1usize << bit)
-        .filter(|size| n & size != 0)
+        .take_while(|&size| size <= max)
         .collect()
 }
 
@@ -431,6 +439,9 @@ mod tests {
         assert_eq!(batch_runs(32), [32]);
         assert_eq!(batch_runs(1), [1]);
         assert!(batch_runs(0).is_empty());
+        assert_eq!(batch_run_sizes(20), [1, 2, 4, 8, 16]);
+        assert_eq!(batch_run_sizes(32), [1, 2, 4, 8, 16, 32]);
+        assert!(batch_run_sizes(0).is_empty());
     }
 
     #[test]

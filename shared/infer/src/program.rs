@@ -42,6 +42,11 @@ pub(crate) trait IntoBuffer {
 /// An output's storage type and shape.
 pub(crate) type OutputType = (DatumType, TVec<usize>);
 
+/// The values of an `f32` tensor (an error for any other type).
+pub(crate) fn floats(t: &Tensor) -> TractResult<&[f32]> {
+    t.try_as_plain_ram()?.as_slice::<f32>()
+}
+
 /// `op` on `inputs` into a new tensor: the `EvalOp::eval` of every [`IntoBuffer`] operator.
 pub(crate) fn eval_allocating(
     op: &impl IntoBuffer,

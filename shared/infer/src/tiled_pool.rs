@@ -16,7 +16,7 @@ use tract_core::internal::*;
 use tract_core::ops::cnn::{MaxPool, PaddingSpec};
 use tract_core::ops::nn::DataFormat;
 
-use crate::program::{IntoBuffer, OutputType, eval_allocating};
+use crate::program::{IntoBuffer, OutputType, eval_allocating, floats};
 
 /// Max pooling of `f32` over windows that tile the input (stride = window, no padding).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -205,8 +205,7 @@ impl IntoBuffer for TiledMaxPool {
         let x = inputs[0];
         let g = self.geometry(x.shape())?;
         let mut view = out.try_as_plain_ram_mut()?;
-        let input = x.try_as_plain_ram()?.as_slice::<f32>()?;
-        self.run(input, g, view.as_slice_mut::<f32>()?);
+        self.run(floats(x)?, g, view.as_slice_mut::<f32>()?);
         Ok(())
     }
 }
@@ -225,37 +224,27 @@ impl TypedOp for TiledMaxPool {
 /// Replaces the max poolings of `model` (decluttered) that [`TiledMaxPool`] covers. Returns how
 /// many it replaced.
 pub(crate) fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
-    let mut replaced = 0;
-    for id in model.eval_order()? {
-        let node = model.node(id);
+    crate::tract::replace_nodes(model, |model, node| {
         let Some(op) = node.op_as::<MaxPool>().and_then(TiledMaxPool::for_pool) else {
-            continue;
+            return Ok(None);
         };
         let [data] = node.inputs[..] else {
-            continue;
+            return Ok(None);
         };
         let input = model.outlet_fact(data)?;
-        let Some(shape) = input.shape.as_concrete() else {
-            continue;
-        };
-        if input.datum_type != f32::datum_type() || op.geometry(shape).is_err() {
-            continue;
-        }
-        let patch = TypedModelPatch::replace_single_op(model, node, &[data], op)?;
-        patch.apply(model)?;
-        replaced += 1;
-    }
-    Ok(replaced)
+        let fits = input.datum_type == f32::datum_type()
+            && input
+                .shape
+                .as_concrete()
+                .is_some_and(|shape| op.geometry(shape).is_ok());
+        Ok(fits.then_some(op))
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use tract_core::ops::cnn::PoolSpec;
-
-    fn floats(t: &Tensor) -> &[f32] {
-        t.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap()
-    }
 
     /// A small deterministic pseudo-random sequence, with repeats (ties) and negatives.
     fn values(n: usize) -> Vec<f32> {
@@ -315,7 +304,7 @@ mod tests {
             .remove(0);
         let what = format!("{format:?} {shape:?} by {window:?}");
         assert_eq!(got.shape(), expected.shape(), "{what}");
-        assert_eq!(floats(&got), floats(&expected), "{what}");
+        assert_eq!(floats(&got).unwrap(), floats(&expected).unwrap(), "{what}");
     }
 
     #[test]
@@ -363,7 +352,7 @@ mod tests {
                 .remove(0)
         };
         let (expected, got) = (run(model), run(tiled));
-        assert_eq!(floats(&got), floats(&expected));
+        assert_eq!(floats(&got).unwrap(), floats(&expected).unwrap());
     }
 
     #[test]

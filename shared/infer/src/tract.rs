@@ -63,10 +63,31 @@ pub(crate) fn executor(threads: usize) -> Executor {
     }
 }
 
+/// Replaces each node of `model` for which `replacement` gives an operator, wired to the node's
+/// first input alone (constants such as kernels are built into the replacement). Returns how many
+/// it replaced; what they leave unreachable stays until the model is compacted.
+pub(crate) fn replace_nodes<O: TypedOp>(
+    model: &mut TypedModel,
+    mut replacement: impl FnMut(&TypedModel, &TypedNode) -> TractResult<Option<O>>,
+) -> TractResult<usize> {
+    let mut replaced = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(&data) = node.inputs.first() else {
+            continue;
+        };
+        if let Some(op) = replacement(model, node)? {
+            TypedModelPatch::replace_single_op(model, node, &[data], op)?.apply(model)?;
+            replaced += 1;
+        }
+    }
+    Ok(replaced)
+}
+
 impl Plan {
     /// Optimizes `model` and prepares it to run on `executor`.
     pub(crate) fn compile(model: TypedModel, executor: &Executor) -> TractResult<Self> {
-        // `into_optimized`, with convolutions replaced between its two stages.
+        // `into_optimized`, with some operators replaced by Cascade's own between its two stages.
         let mut model = model;
         model.declutter()?;
         let direct = crate::direct_conv::rewrite(&mut model)?;
