@@ -191,6 +191,108 @@ mod tests {
         None
     }
 
+    /// Write system calls made by this thread (Linux task I/O accounting).
+    fn writes_by_this_thread() -> u64 {
+        let io = std::fs::read_to_string("/proc/thread-self/io")
+            .expect("counting writes needs /proc/thread-self/io (Linux task I/O accounting)");
+        io.lines()
+            .find_map(|l| l.strip_prefix("syscw:"))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("syscw in /proc/thread-self/io")
+    }
+
+    /// Publishes queued while the event loop was not polled, and how many write system calls the
+    /// event loop made to send them. The event loop runs on this thread alone (a current-thread
+    /// runtime); the broker's own threads are not counted.
+    const QUEUED: usize = 50;
+
+    async fn v5_writes_for_queued_publishes(broker: SocketAddr) -> u64 {
+        use rumqttc::v5::mqttbytes::QoS;
+        use rumqttc::v5::mqttbytes::v5::Packet;
+        use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+        let options = MqttOptions::new("writes-v5", "127.0.0.1", broker.port());
+        let (client, mut eventloop) = AsyncClient::new(options, QUEUED);
+        while !matches!(
+            eventloop.poll().await,
+            Ok(Event::Incoming(Packet::ConnAck(_)))
+        ) {}
+        let before = writes_by_this_thread();
+        for i in 0..QUEUED {
+            client
+                .try_publish(
+                    "cascade/writes",
+                    QoS::AtLeastOnce,
+                    false,
+                    vec![i as u8; 100],
+                )
+                .unwrap();
+        }
+        let mut sent = 0;
+        while sent < QUEUED {
+            if let Event::Outgoing(rumqttc::Outgoing::Publish(_)) = eventloop.poll().await.unwrap()
+            {
+                sent += 1;
+            }
+        }
+        writes_by_this_thread() - before
+    }
+
+    async fn v311_writes_for_queued_publishes(broker: SocketAddr) -> u64 {
+        use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+        let options = MqttOptions::new("writes-v311", "127.0.0.1", broker.port());
+        let (client, mut eventloop) = AsyncClient::new(options, QUEUED);
+        while !matches!(
+            eventloop.poll().await,
+            Ok(Event::Incoming(Packet::ConnAck(_)))
+        ) {}
+        let before = writes_by_this_thread();
+        for i in 0..QUEUED {
+            client
+                .try_publish(
+                    "cascade/writes",
+                    QoS::AtLeastOnce,
+                    false,
+                    vec![i as u8; 100],
+                )
+                .unwrap();
+        }
+        let mut sent = 0;
+        while sent < QUEUED {
+            if let Event::Outgoing(Outgoing::Publish(_)) = eventloop.poll().await.unwrap() {
+                sent += 1;
+            }
+        }
+        writes_by_this_thread() - before
+    }
+
+    /// The escalator answers a batch with a burst of verdicts and acknowledgements. Upstream
+    /// rumqttc 0.25.1 writes (and so sends through the TCP stack) each request on its own; the
+    /// patched copy in vendor/rumqttc writes what is queued in one go. One write is expected;
+    /// two leave room for a flush the socket did not take whole.
+    #[tokio::test]
+    async fn requests_queued_together_leave_the_client_in_one_write() {
+        let (v5, v311) = start_with(
+            Some(([127, 0, 0, 1], free_local_port().unwrap()).into()),
+            Some(([127, 0, 0, 1], free_local_port().unwrap()).into()),
+        )
+        .unwrap();
+        let writes = tokio::time::timeout(Duration::from_secs(20), async {
+            (
+                v5_writes_for_queued_publishes(v5.unwrap()).await,
+                v311_writes_for_queued_publishes(v311.unwrap()).await,
+            )
+        })
+        .await
+        .expect("publishes sent within 20 s");
+        assert!(
+            writes.0 <= 2 && writes.1 <= 2,
+            "{QUEUED} queued publishes took {} writes on MQTT 5 and {} on 3.1.1; \
+             is vendor/rumqttc's patch (CASCADE-PATCH.md) in use?",
+            writes.0,
+            writes.1
+        );
+    }
+
     #[test]
     fn connections_to_the_embedded_broker_have_nagle_disabled() {
         let port = free_local_port().unwrap();
