@@ -507,17 +507,27 @@ pub async fn start(
     let store_stats = stats.clone();
     tracker.spawn_blocking(move || {
         // Whatever queued while the last group was written goes in the next one (a group
-        // commit): under load, groups grow and commits stay few; idle, each example is written
-        // as it comes.
+        // commit), and under load the thread waits a little for more (`store_wait`): commits stay
+        // few and large. Idle, each example is written as it comes.
         let mut group = Vec::with_capacity(STORE_GROUP);
-        while let Some(example) = store_rx.blocking_recv() {
-            group.push(example);
+        let mut last_commit: Option<Instant> = None;
+        let take_queued = |group: &mut Vec<Example>, rx: &mut mpsc::Receiver<Example>| {
             while group.len() < STORE_GROUP
-                && let Ok(example) = store_rx.try_recv()
+                && let Ok(example) = rx.try_recv()
             {
                 group.push(example);
             }
-            match store.insert_all(&group) {
+        };
+        while let Some(example) = store_rx.blocking_recv() {
+            group.push(example);
+            take_queued(&mut group, &mut store_rx);
+            if let Some(wait) = store_wait(group.len(), last_commit.map(|t| t.elapsed())) {
+                std::thread::sleep(wait);
+                take_queued(&mut group, &mut store_rx);
+            }
+            let result = store.insert_all(&group);
+            last_commit = Some(Instant::now());
+            match result {
                 Ok(new) => {
                     store_stats.stored.fetch_add(new as u64, Ordering::Relaxed);
                 }
@@ -732,6 +742,24 @@ async fn start_fleet(
 
 /// Most hard examples written in one transaction.
 const STORE_GROUP: usize = 256;
+
+/// Least time from one commit of the hard-example store to the next while examples keep coming.
+/// Each commit writes every index page its examples touched, and the `(device, model)` index puts
+/// examples from many devices on as many pages: larger groups share them. Examples are stored
+/// after their verdicts went out, so the wait delays no answer.
+const STORE_COMMIT_INTERVAL: Duration = Duration::from_millis(10);
+
+/// How long the store thread waits for more examples before it writes the `len` it holds, the
+/// last commit having ended `since_last_commit` ago (`None`: never). Not at all when the group is
+/// full or the store was idle for a commit interval; otherwise until that interval has passed.
+fn store_wait(len: usize, since_last_commit: Option<Duration>) -> Option<Duration> {
+    if len >= STORE_GROUP {
+        return None;
+    }
+    STORE_COMMIT_INTERVAL
+        .checked_sub(since_last_commit?)
+        .filter(|wait| !wait.is_zero())
+}
 
 /// How many answered ids (and their verdicts) are remembered for duplicates.
 const ANSWERED_MEMORY: usize = 20_000;
@@ -1234,6 +1262,27 @@ mod tests {
             shape,
             quantization: None,
         }
+    }
+
+    #[test]
+    fn the_store_waits_for_more_examples_only_while_they_keep_coming() {
+        let ms = Duration::from_millis;
+        // Never written, or idle for a commit interval or more: at once.
+        assert_eq!(store_wait(1, None), None);
+        assert_eq!(store_wait(1, Some(STORE_COMMIT_INTERVAL)), None);
+        assert_eq!(store_wait(1, Some(ms(60_000))), None);
+        // Within the interval after a commit: until it has passed.
+        assert_eq!(store_wait(1, Some(ms(0))), Some(STORE_COMMIT_INTERVAL));
+        assert_eq!(
+            store_wait(7, Some(ms(4))),
+            Some(STORE_COMMIT_INTERVAL - ms(4))
+        );
+        // A full group goes at once.
+        assert_eq!(store_wait(STORE_GROUP, Some(ms(0))), None);
+        assert_eq!(
+            store_wait(STORE_GROUP - 1, Some(ms(0))),
+            Some(STORE_COMMIT_INTERVAL)
+        );
     }
 
     #[test]

@@ -157,10 +157,35 @@ async fn an_agent_killed_with_sigkill_loses_no_input_and_applies_no_verdict_twic
             .collect();
         answered_inputs.len() == 60 && all_in(&files_in(&inbox.join("processed")))
     };
-    assert!(
-        eventually(Duration::from_secs(90), settled).await,
-        "not every input got its verdict after the restart"
-    );
+    if !eventually(Duration::from_secs(90), settled).await {
+        // What a failure needs to be understood: which inputs, and where each one's files are.
+        let events = read_jsonl(&results);
+        let answered: HashSet<Uuid> = events
+            .iter()
+            .filter(|e| e.stage != Stage::Edge)
+            .filter_map(|e| e.escalation)
+            .collect();
+        let unanswered: Vec<(&str, Option<Uuid>)> = events
+            .iter()
+            .filter(|e| e.stage == Stage::Edge)
+            .filter(|e| !e.escalation.is_some_and(|id| answered.contains(&id)))
+            .map(|e| (e.input.as_str(), e.escalation))
+            .collect();
+        let seen: HashSet<&str> = events.iter().map(|e| e.input.as_str()).collect();
+        let never_seen: Vec<String> = (0..60)
+            .map(|i| format!("{i:03}.npy"))
+            .filter(|name| !seen.iter().any(|input| input.ends_with(name.as_str())))
+            .collect();
+        panic!(
+            "not every input got its verdict after the restart: edge results without a verdict \
+             {unanswered:?}; inputs without any result {never_seen:?}; inbox {:?}, processing \
+             {:?}, failed {:?}, {} processed",
+            files_in(&inbox),
+            files_in(&inbox.join("processing")),
+            files_in(&inbox.join("failed")),
+            files_in(&inbox.join("processed")).len(),
+        );
+    }
     tokio::time::sleep(Duration::from_secs(3)).await; // late duplicates, if any
     agent.kill();
 
