@@ -201,11 +201,12 @@ mod tests {
             .expect("syscw in /proc/thread-self/io")
     }
 
-    /// Publishes queued while the event loop was not polled, and how many write system calls the
-    /// event loop made to send them. The event loop runs on this thread alone (a current-thread
-    /// runtime); the broker's own threads are not counted.
+    /// How many publishes the tests below queue while the client's event loop is not polled.
     const QUEUED: usize = 50;
 
+    /// The write system calls an MQTT 5 client's event loop makes to send [`QUEUED`] publishes
+    /// queued together. The event loop runs on this thread alone (a current-thread runtime); the
+    /// broker's own threads are not counted.
     async fn v5_writes_for_queued_publishes(broker: SocketAddr) -> u64 {
         use rumqttc::v5::mqttbytes::QoS;
         use rumqttc::v5::mqttbytes::v5::Packet;
@@ -237,6 +238,7 @@ mod tests {
         writes_by_this_thread() - before
     }
 
+    /// [`v5_writes_for_queued_publishes`] for an MQTT 3.1.1 client (rumqttc's other event loop).
     async fn v311_writes_for_queued_publishes(broker: SocketAddr) -> u64 {
         use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
         let options = MqttOptions::new("writes-v311", "127.0.0.1", broker.port());
