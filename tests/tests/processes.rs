@@ -52,6 +52,15 @@ fn read_jsonl(path: &Path) -> Vec<ResultEvent> {
         .collect()
 }
 
+/// The escalations that reached an end (a verdict applied, or a rejection or drop reported).
+fn terminal_ids(events: &[ResultEvent]) -> HashSet<Uuid> {
+    events
+        .iter()
+        .filter(|e| e.stage != Stage::Edge)
+        .filter_map(|e| e.escalation)
+        .collect()
+}
+
 fn files_in(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
         .map(|entries| {
@@ -144,11 +153,7 @@ async fn an_agent_killed_with_sigkill_loses_no_input_and_applies_no_verdict_twic
     let all_in = |names: &[String]| (0..60).all(|i| names.contains(&format!("{i:03}.npy")));
     let settled = || {
         let events = read_jsonl(&results);
-        let terminal: HashSet<Uuid> = events
-            .iter()
-            .filter(|e| e.stage != Stage::Edge)
-            .filter_map(|e| e.escalation)
-            .collect();
+        let terminal = terminal_ids(&events);
         let answered_inputs: HashSet<&str> = events
             .iter()
             .filter(|e| e.stage == Stage::Edge)
@@ -160,11 +165,7 @@ async fn an_agent_killed_with_sigkill_loses_no_input_and_applies_no_verdict_twic
     if !eventually(Duration::from_secs(90), settled).await {
         // What a failure needs to be understood: which inputs, and where each one's files are.
         let events = read_jsonl(&results);
-        let answered: HashSet<Uuid> = events
-            .iter()
-            .filter(|e| e.stage != Stage::Edge)
-            .filter_map(|e| e.escalation)
-            .collect();
+        let answered = terminal_ids(&events);
         let unanswered: Vec<(&str, Option<Uuid>)> = events
             .iter()
             .filter(|e| e.stage == Stage::Edge)

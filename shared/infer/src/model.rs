@@ -319,10 +319,10 @@ pub struct LoadOptions {
 ///
 /// - A model whose batch dimension is fixed at 1 runs each item on its own.
 /// - A model that compiles for each input shape ([`Model::compiles_per_shape`]), all of whose
-///   inputs are batched along axis 0, runs the batch as power-of-two runs, largest first ([`batch_runs`]: 27 runs as 16, 8, 2 and 1), so that
-///   batches of every size up to 2^k need at most k + 1 compiled shapes. A service whose batch
-///   sizes vary would otherwise compile for nearly every batch: the escalator's worker spent a
-///   quarter of its time compiling.
+///   inputs are batched along axis 0, runs the batch as power-of-two runs, largest first
+///   ([`batch_runs`]: 27 runs as 16, 8, 2 and 1), so that batches of every size up to 2^k need
+///   at most k + 1 compiled shapes. A service whose batch sizes vary would otherwise compile for
+///   nearly every batch: the escalator's worker spent a quarter of its time compiling.
 /// - Any other model runs the batch in one call.
 pub fn run_batch(model: &dyn Model, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, InferError> {
     let info = model.info();
